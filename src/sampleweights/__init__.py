@@ -1,0 +1,51 @@
+"""sampleweights: score every training example from inside any PyTorch loop, and use the scores.
+
+Score (EL2N, GraNd, forgetting events, misclassification), select (prune, error sets) and feed
+the selection back (samplers, loss weights). The library never owns the loop, the model or the
+optimiser.
+
+Example:
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> import sampleweights as sw
+    >>> ds = sw.WithIndex(TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,))))
+    >>> model = torch.nn.Linear(4, 3)
+    >>> scorer = sw.EL2N(len(ds))
+    >>> for batch in DataLoader(ds, batch_size=8, shuffle=True):
+    ...     logits = model(batch[0])
+    ...     scorer.update(batch, logits)
+    >>> scorer.compute().shape
+    torch.Size([32])
+"""
+
+from sampleweights.data import BatchLayout, WithIndex, default_forward, logits_of
+from sampleweights.errors import StateMismatchError
+from sampleweights.scorers import (
+    EL2N,
+    ForgettingTracker,
+    Misclassified,
+    NonFinite,
+    Scorer,
+    el2n,
+    eval_mode,
+    score_dataset,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EL2N",
+    "BatchLayout",
+    "ForgettingTracker",
+    "Misclassified",
+    "NonFinite",
+    "Scorer",
+    "StateMismatchError",
+    "WithIndex",
+    "__version__",
+    "default_forward",
+    "el2n",
+    "eval_mode",
+    "logits_of",
+    "score_dataset",
+]

@@ -1,0 +1,136 @@
+"""Scoring passes over a dataset: :func:`score_dataset` and the :func:`eval_mode` it relies on."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any
+
+import torch
+from torch import nn
+
+from sampleweights.data import Forward, default_forward, logits_of
+from sampleweights.scorers.base import Scorer
+
+__all__ = ["eval_mode", "score_dataset", "unwrap_model"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel``; other models as they are.
+
+    Scoring through the inner module triggers none of DDP's gradient synchronisation.
+    """
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module of ``model`` in eval mode; restore each module's own flag afterwards.
+
+    ``model.train()`` after scoring would be wrong for a model with deliberately frozen (eval)
+    submodules, so the flags are recorded per module.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+        >>> _ = net[1].eval()
+        >>> with eval_mode(net):
+        ...     net.training
+        False
+        >>> net.training, net[1].training
+        (True, False)
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def score_dataset(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *scorers: Scorer,
+    forward: Forward | None = None,
+    progress: bool = True,
+) -> None:
+    """Score every batch of ``loader`` with ``scorers``, the model in eval mode (as Data Diet).
+
+    One forward without autograd per batch feeds every scorer that needs only logits (EL2N,
+    ForgettingTracker, Misclassified); scorers that need the model itself (``GraNd``) run their
+    own grad-enabled pass on the same batch. Afterwards the model is as it was: each module's
+    train/eval flag, its parameters, their ``.grad`` and its hooks.
+
+    Call ``compute()`` on the scorers for the scores. Under ``torch.distributed`` give each rank
+    its shard (e.g. ``PrunedSampler(range(N), shuffle=False, pad=False)``) and call
+    ``compute()`` on every rank.
+
+    Args:
+        model: the model (a DDP/DataParallel wrapper is unwrapped: no gradient sync happens).
+        loader: batches as a DataLoader over :class:`~sampleweights.WithIndex` yields them.
+        *scorers: one or more scorers.
+        forward: ``forward(model, batch) -> output`` (output: logits tensor, or a dict/object
+            with ``logits``). Default: ``model(batch[0])`` for tuple batches,
+            ``model(**inputs)`` for dict batches, inputs moved to the model's device.
+        progress: show a tqdm progress bar when tqdm is installed.
+
+    Raises:
+        TypeError: if an argument is not a scorer or the model is not an ``nn.Module``.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import sampleweights as sw
+        >>> ds = sw.WithIndex(TensorDataset(torch.randn(10, 3), torch.randint(0, 2, (10,))))
+        >>> model = torch.nn.Linear(3, 2)
+        >>> el2n, wrong = sw.EL2N(len(ds)), sw.Misclassified(len(ds))
+        >>> sw.score_dataset(model, DataLoader(ds, batch_size=4), el2n, wrong, progress=False)
+        >>> bool(el2n.compute().isfinite().all()), el2n.num_updates
+        (True, 3)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}."
+        )
+    if not scorers:
+        raise TypeError("score_dataset needs at least one scorer, e.g. sw.EL2N(len(dataset)).")
+    for s in scorers:
+        if not isinstance(s, Scorer):
+            raise TypeError(
+                f"Expected scorers (sw.EL2N, sw.GraNd, ...), but got {type(s).__name__}."
+            )
+    model = unwrap_model(model)
+    logit_scorers = [s for s in scorers if not s.requires_model]
+    model_scorers = [s for s in scorers if s.requires_model]
+    for s in model_scorers:
+        s._check_model(model)  # type: ignore[attr-defined]
+
+    batches: Iterable[Any] = loader
+    if progress:
+        batches = _progress(loader)
+    with eval_mode(model):
+        for batch in batches:
+            if logit_scorers:
+                # one model call for all logit scorers; the default forward finds the inputs
+                # of a dict batch with the first scorer's layout
+                fwd = forward or default_forward(logit_scorers[0].layout)
+                with torch.no_grad():
+                    logits = logits_of(fwd(model, batch))
+                for s in logit_scorers:
+                    s.update(batch, logits)
+            for s in model_scorers:
+                s._score_batch(batch, forward)  # type: ignore[attr-defined]
+
+
+def _progress(loader: Iterable[Any]) -> Iterable[Any]:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is an optional extra
+        return loader
+    total = len(loader) if isinstance(loader, Sized) else None
+    return tqdm(loader, total=total, desc="scoring", leave=False)  # type: ignore[no-any-return]
