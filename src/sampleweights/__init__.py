@@ -20,6 +20,9 @@ Example:
 
 from sampleweights.data import BatchLayout, WithIndex, default_forward, logits_of
 from sampleweights.errors import StateMismatchError
+from sampleweights.groups import group_accuracy, group_weighted_accuracy, worst_group_accuracy
+from sampleweights.reweight import LossReweighter, Normalize, jtt_weights
+from sampleweights.samplers import JTTSampler, PrunedSampler, UpsampleSampler
 from sampleweights.scorers import (
     EL2N,
     ForgettingTracker,
@@ -30,6 +33,7 @@ from sampleweights.scorers import (
     eval_mode,
     score_dataset,
 )
+from sampleweights.select import Strategy, select
 
 __version__ = "0.1.0"
 
@@ -37,15 +41,26 @@ __all__ = [
     "EL2N",
     "BatchLayout",
     "ForgettingTracker",
+    "JTTSampler",
+    "LossReweighter",
     "Misclassified",
     "NonFinite",
+    "Normalize",
+    "PrunedSampler",
     "Scorer",
     "StateMismatchError",
+    "Strategy",
+    "UpsampleSampler",
     "WithIndex",
     "__version__",
     "default_forward",
     "el2n",
     "eval_mode",
+    "group_accuracy",
+    "group_weighted_accuracy",
+    "jtt_weights",
     "logits_of",
     "score_dataset",
+    "select",
+    "worst_group_accuracy",
 ]

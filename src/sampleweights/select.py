@@ -1,0 +1,224 @@
+"""From scores to a subset: :func:`select`.
+
+Strategies, each applied after ``offset`` removed the very highest scores:
+
+* ``"hardest"`` — the highest scores (Data Diet keeps high EL2N/GraNd examples);
+* ``"easiest"`` — the lowest scores (the control every pruning paper reports);
+* ``"random"`` — a seeded uniform subset (the baseline that is hard to beat at small scale);
+* ``"stratified"`` — coverage-centric selection (Zheng et al., "Coverage-centric Coreset Selection
+  for High Pruning Rates", ICLR 2023): equal-width score bins, the budget spread over the bins from
+  the smallest bin up, uniform within a bin.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["Strategy", "select"]
+
+Strategy = Literal["hardest", "easiest", "random", "stratified"]
+_STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+
+def _as_scores(scores: Any) -> Tensor:
+    if isinstance(scores, np.ndarray):
+        scores = torch.from_numpy(scores)
+    if not isinstance(scores, Tensor) or not scores.is_floating_point():
+        raise TypeError(
+            "Expected `scores` to be a 1-D float tensor (a scorer's compute()), but got "
+            f"{getattr(scores, 'dtype', type(scores).__name__)}."
+        )
+    if scores.dim() != 1 or scores.numel() == 0:
+        raise ValueError(
+            f"Expected `scores` of shape (num_examples,), but got {tuple(scores.shape)}."
+        )
+    values: Tensor = scores.detach().to("cpu", torch.float64)
+    nan = int(torch.isnan(values).sum())
+    if nan:
+        raise ValueError(
+            f"`scores` has {nan} NaN entries of {values.numel()}: those examples were never "
+            "scored. Score the full dataset (sw.score_dataset over a loader of the whole "
+            "dataset) before selecting."
+        )
+    if bool((values == -torch.inf).any()):
+        raise ValueError("`scores` contains -inf; scores must be finite or +inf (never learned).")
+    return values
+
+
+def _count(value: Any, total: int, name: str, *, allow_zero: bool) -> int:
+    """A fraction (float) or count (int) of ``total`` as a count."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(
+            f"Expected `{name}` to be a fraction (float) or a count (int), but got "
+            f"{type(value).__name__}."
+        )
+    low = "[0" if allow_zero else "(0"
+    if isinstance(value, float | np.floating):
+        if not (0.0 <= value <= 1.0) or (value == 0.0 and not allow_zero):
+            raise ValueError(
+                f"Expected `{name}` to be a fraction in {low}, 1] or a count in "
+                f"[{0 if allow_zero else 1}, {total}], but got {value}."
+            )
+        return round(float(value) * total)
+    if not (0 if allow_zero else 1) <= value <= total:
+        raise ValueError(
+            f"Expected `{name}` to be a fraction in {low}, 1] or a count in "
+            f"[{0 if allow_zero else 1}, {total}], but got {value}."
+        )
+    return int(value)
+
+
+def _largest_remainder(counts: Tensor, budget: int) -> Tensor:
+    """Integer quotas proportional to ``counts`` summing exactly to ``budget``."""
+    total = int(counts.sum())
+    exact = counts.to(torch.float64) * budget / total
+    quota = exact.floor().to(torch.int64)
+    rest = budget - int(quota.sum())
+    if rest:
+        # largest fractional part first; ties to the lower class id (stable sort)
+        order = torch.sort(exact - quota, descending=True, stable=True).indices
+        quota[order[:rest]] += 1
+    return quota
+
+
+def _take(
+    pool: Tensor, pool_scores: Tensor, k: int, strategy: str, bins: int, gen: torch.Generator
+) -> Tensor:
+    """``k`` members of ``pool`` (ordered hardest first) by ``strategy``."""
+    if k == 0:
+        return pool[:0]
+    if strategy == "hardest":
+        return pool[:k]
+    if strategy == "easiest":
+        return pool[len(pool) - k :]
+    if strategy == "random":
+        return pool[torch.randperm(len(pool), generator=gen)[:k]]
+    return _stratified(pool, pool_scores, k, bins, gen)
+
+
+def _stratified(
+    pool: Tensor, pool_scores: Tensor, k: int, bins: int, gen: torch.Generator
+) -> Tensor:
+    finite = torch.isfinite(pool_scores)
+    bin_id = torch.full((len(pool),), bins, dtype=torch.int64)  # +inf: a bin of its own
+    if bool(finite.any()):
+        lo, hi = pool_scores[finite].min(), pool_scores[finite].max()
+        width = (hi - lo) / bins
+        ids = (
+            ((pool_scores[finite] - lo) / width).floor().clamp(0, bins - 1)
+            if width > 0
+            else (torch.zeros(int(finite.sum()), dtype=torch.float64))
+        )
+        bin_id[finite] = ids.to(torch.int64)
+    sizes = torch.bincount(bin_id, minlength=bins + 1)
+    starts = torch.cumsum(sizes, 0) - sizes
+    grouped = pool[torch.argsort(bin_id, stable=True)]  # members of each bin contiguous
+    chosen = []
+    remaining = k
+    occupied = [int(b) for b in torch.argsort(sizes, stable=True) if sizes[b] > 0]
+    # smallest bin first; among equal sizes the lower-score bin first (+inf last), which gives
+    # the harder bin the larger share of the rounding; at most bins + 1 iterations
+    for i, b in enumerate(occupied):
+        size, start = int(sizes[b]), int(starts[b])
+        share = min(size, remaining // (len(occupied) - i))
+        pick = torch.randperm(size, generator=gen)[:share] + start
+        chosen.append(grouped[pick])
+        remaining -= share
+    return torch.cat(chosen)
+
+
+def select(
+    scores: Tensor,
+    keep: float | int,
+    strategy: Strategy = "hardest",
+    *,
+    offset: float | int = 0.0,
+    labels: Tensor | None = None,
+    class_balanced: bool = False,
+    seed: int = 0,
+    bins: int = 50,
+) -> Tensor:
+    """Choose examples from their scores; returns a sorted LongTensor of dataset indices.
+
+    Args:
+        scores: ``(N,)`` float scores (a scorer's ``compute()``); higher = harder. ``+inf``
+            (never learned) ranks hardest; NaN (never scored) is an error.
+        keep: how many to keep: a fraction in (0, 1] (``round(keep · N)`` examples) or a count in
+            [1, N]. A bool is a TypeError.
+        strategy: ``"hardest"``, ``"easiest"``, ``"random"`` or ``"stratified"`` (CCS).
+        offset: a fraction (of N) or count of the highest-scoring examples removed from the pool
+            before any strategy (Data Diet's offset window, CCS's hard cut-off; for noisy labels).
+        labels: ``(N,)`` integer class labels, needed for ``class_balanced``.
+        class_balanced: keep the same fraction of every class (per-class counts by largest
+            remainder, so the total is exactly the requested count).
+        seed: seeds the tie-breaking permutation and the random choices.
+        bins: number of equal-width score bins for ``"stratified"`` (+inf gets its own bin).
+
+    Ties are broken by a seeded random permutation: forgetting and error-set scores are mostly
+    ties, and index order would favour low indices.
+
+    Raises:
+        TypeError, ValueError: for the cases above; the messages name the argument.
+
+    Example:
+        >>> import torch
+        >>> scores = torch.tensor([0.1, 0.9, 0.5, float("inf"), 0.3])
+        >>> select(scores, 2).tolist()                     # hardest: +inf, then 0.9
+        [1, 3]
+        >>> select(scores, 0.4, "easiest").tolist()
+        [0, 4]
+        >>> select(scores, 2, offset=1).tolist()           # skip the single hardest first
+        [1, 2]
+    """
+    values = _as_scores(scores)
+    n = values.numel()
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"Unknown `strategy` {strategy!r}; expected one of {list(_STRATEGIES)}.")
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"Expected `bins` to be an int ≥ 1, but got {bins!r}.")
+    k = _count(keep, n, "keep", allow_zero=False)
+    skip = _count(offset, n, "offset", allow_zero=True)
+    if k == 0:
+        raise ValueError(f"`keep`={keep} of {n} examples rounds to 0; keep at least one example.")
+    if k > n - skip:
+        raise ValueError(
+            f"Cannot keep {k} examples after `offset` removed {skip} of {n}: at most {n - skip} "
+            "remain. Lower `keep` or `offset`."
+        )
+    label_t: Tensor | None = None
+    if labels is not None or class_balanced:
+        if not class_balanced:
+            raise ValueError(
+                "`labels` is used only with class_balanced=True; pass both or neither."
+            )
+        if labels is None:
+            raise ValueError("class_balanced=True needs `labels`, the (N,) class of each example.")
+        label_t = torch.as_tensor(labels).to("cpu")
+        if label_t.dim() != 1 or label_t.numel() != n:
+            raise ValueError(
+                f"Expected `labels` of shape ({n},) like `scores`, but got {tuple(label_t.shape)}."
+            )
+        if label_t.is_floating_point() or label_t.dtype == torch.bool or int(label_t.min()) < 0:
+            raise ValueError("Expected `labels` to be non-negative integer class ids.")
+
+    gen = torch.Generator().manual_seed(int(seed))
+    # hardest first, ties in a seeded random order
+    perm = torch.randperm(n, generator=gen)
+    order = perm[torch.sort(values[perm], descending=True, stable=True).indices]
+    pool = order[skip:]
+    if label_t is None:
+        chosen = _take(pool, values[pool], k, strategy, bins, gen)
+    else:
+        pool_labels = label_t[pool]
+        classes, counts = torch.unique(pool_labels, return_counts=True)
+        quotas = _largest_remainder(counts, k)
+        parts = []
+        for c, q in zip(classes.tolist(), quotas.tolist(), strict=True):
+            members = pool[pool_labels == c]  # still hardest first
+            parts.append(_take(members, values[members], q, strategy, bins, gen))
+        chosen = torch.cat(parts)
+    return torch.sort(chosen).values
