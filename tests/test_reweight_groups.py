@@ -65,7 +65,10 @@ def test_gradient_flows_and_bad_input():
 
 def test_group_accuracies_against_loops():
     gen = torch.Generator().manual_seed(0)
-    preds, targets = torch.randint(0, 2, (50,), generator=gen), torch.randint(0, 2, (50,), generator=gen)
+    preds, targets = (
+        torch.randint(0, 2, (50,), generator=gen),
+        torch.randint(0, 2, (50,), generator=gen),
+    )
     groups = torch.randint(0, 4, (50,), generator=gen)
     acc = sw.group_accuracy(preds, targets, groups)
     for g in range(4):
@@ -84,14 +87,17 @@ def test_group_accuracy_bad_input():
     with pytest.raises(ValueError, match="equal lengths"):
         sw.group_accuracy(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="group_weights"):
-        sw.group_weighted_accuracy(torch.tensor([0]), torch.tensor([0]), torch.tensor([2]),
-                                   torch.tensor([1.0]))
+        sw.group_weighted_accuracy(
+            torch.tensor([0]), torch.tensor([0]), torch.tensor([2]), torch.tensor([1.0])
+        )
 
 
 def test_every_permutation_of_a_small_dataset_gives_same_weighted_epoch_loss():
     # the default normalisation does not depend on the order or split of an epoch
     w, loss = torch.tensor([1.0, 5.0, 2.0]), torch.tensor([0.3, 0.1, 0.9])
     rw = sw.LossReweighter(w)
-    values = {round(float(sum(rw(loss[[i]], torch.tensor([i])) for i in p)), 6)
-              for p in itertools.permutations(range(3))}
+    values = {
+        round(float(sum(rw(loss[[i]], torch.tensor([i])) for i in p)), 6)
+        for p in itertools.permutations(range(3))
+    }
     assert len(values) == 1

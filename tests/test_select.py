@@ -99,7 +99,9 @@ def test_stratified_matches_reference_bin_counts(n, frac, bins, infs, seed):
     got = Counter()
     for i in chosen.tolist():
         s = float(scores[i])
-        got["inf" if math.isinf(s) else (min(int((s - lo) / width), bins - 1) if width > 0 else 0)] += 1
+        got[
+            "inf" if math.isinf(s) else (min(int((s - lo) / width), bins - 1) if width > 0 else 0)
+        ] += 1
     assert {b: c for b, c in got.items() if c} == {b: c for b, c in want.items() if c}
 
 
@@ -141,8 +143,11 @@ def test_class_balanced_hardest_within_each_class():
         ({"keep": 5, "strategy": "top"}, ValueError, "hardest.*easiest.*random.*stratified"),
         ({"keep": 5, "offset": 0.8}, ValueError, "at most 2 remain"),
         ({"keep": 5, "offset": -1}, ValueError, "offset"),
-        ({"keep": 5, "labels": torch.zeros(3, dtype=torch.long), "class_balanced": True},
-         ValueError, r"shape \(10,\)"),
+        (
+            {"keep": 5, "labels": torch.zeros(3, dtype=torch.long), "class_balanced": True},
+            ValueError,
+            r"shape \(10,\)",
+        ),
         ({"keep": 5, "class_balanced": True}, ValueError, "labels"),
         ({"keep": 5, "bins": 0}, ValueError, "bins"),
     ],

@@ -25,7 +25,9 @@ from sampleweights.reweight import LossReweighter, Normalize, jtt_weights
 from sampleweights.samplers import JTTSampler, PrunedSampler, UpsampleSampler
 from sampleweights.scorers import (
     EL2N,
+    Engine,
     ForgettingTracker,
+    GraNd,
     Misclassified,
     NonFinite,
     Scorer,
@@ -40,7 +42,9 @@ __version__ = "0.1.0"
 __all__ = [
     "EL2N",
     "BatchLayout",
+    "Engine",
     "ForgettingTracker",
+    "GraNd",
     "JTTSampler",
     "LossReweighter",
     "Misclassified",

@@ -28,7 +28,7 @@ from torch import Tensor
 from sampleweights.data import BatchLayout
 from sampleweights.errors import StateMismatchError
 
-__all__ = ["NonFinite", "Scorer"]
+__all__ = ["NonFinite", "RunningMeanScorer", "Scorer"]
 
 NonFinite = Literal["raise", "skip"]
 _NONFINITE: tuple[str, ...] = ("raise", "skip")
@@ -244,15 +244,19 @@ class Scorer(abc.ABC):
     def _to_state_device(
         self, indices: Tensor, logits: Tensor, targets: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        if not self._device_fixed:
-            self._move_state(logits.device)
-            self._device_fixed = True
-        device = self._device
+        device = self._claim_device(logits.device)
         return (
             indices.to(device, torch.int64, non_blocking=True),
             logits.to(device, non_blocking=True),
             targets.to(device, torch.int64, non_blocking=True),
         )
+
+    def _claim_device(self, device: torch.device) -> torch.device:
+        """The state's device; the first update moves the state to ``device`` unless fixed."""
+        if not self._device_fixed:
+            self._move_state(device)
+            self._device_fixed = True
+        return self._device
 
     # -- subclass interface ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -385,6 +389,28 @@ class Scorer(abc.ABC):
             f"{type(self).__name__}(num_examples={self.num_examples}, device={self._device}, "
             f"num_updates={self.num_updates})"
         )
+
+
+class RunningMeanScorer(Scorer):
+    """A scorer whose score is the mean over presentations of a per-example value.
+
+    State: an fp64 sum and an int32 count per example (12 bytes). Subclasses compute the
+    per-example values and call :meth:`_accumulate`.
+    """
+
+    def __init__(self, num_examples: int, **kwargs: Any) -> None:
+        super().__init__(num_examples, **kwargs)
+        self.add_state("sum", torch.float64, 0.0)
+        self.add_state("count", torch.int32, 0)
+
+    def _accumulate(self, indices: Tensor, values: Tensor) -> None:
+        self._state["sum"].index_add_(0, indices, values.to(torch.float64))
+        self._state["count"].index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+
+    def _compute(self, state: dict[str, Tensor]) -> Tensor:
+        count = state["count"]
+        mean = state["sum"] / count.clamp_min(1)
+        return torch.where(count > 0, mean, torch.nan).to(torch.float32)
 
 
 def _world() -> tuple[int, int]:

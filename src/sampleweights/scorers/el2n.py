@@ -13,12 +13,10 @@ where the tempting ``Σp² − 2p_y + 1`` cancels catastrophically (absolute err
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from sampleweights.scorers.base import Scorer
+from sampleweights.scorers.base import RunningMeanScorer
 
 __all__ = ["EL2N", "el2n"]
 
@@ -57,7 +55,7 @@ def el2n(logits: Tensor, targets: Tensor) -> Tensor:
     return scores
 
 
-class EL2N(Scorer):
+class EL2N(RunningMeanScorer):
     """EL2N scores (Data Diet): the running mean of ``‖softmax(logits) − e_y‖₂`` per example.
 
     Each update adds to a per-example fp64 sum and count, so ``compute()`` is the mean over every
@@ -83,17 +81,5 @@ class EL2N(Scorer):
 
     name = "el2n"
 
-    def __init__(self, num_examples: int, **kwargs: Any) -> None:
-        super().__init__(num_examples, **kwargs)
-        self.add_state("sum", torch.float64, 0.0)
-        self.add_state("count", torch.int32, 0)
-
     def _update(self, indices: Tensor, logits: Tensor, targets: Tensor) -> None:
-        scores = el2n(logits, targets)
-        self._state["sum"].index_add_(0, indices, scores.to(torch.float64))
-        self._state["count"].index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
-
-    def _compute(self, state: dict[str, Tensor]) -> Tensor:
-        count = state["count"]
-        mean = state["sum"] / count.clamp_min(1)
-        return torch.where(count > 0, mean, torch.nan).to(torch.float32)
+        self._accumulate(indices, el2n(logits, targets))

@@ -1,0 +1,311 @@
+"""GraNd: the norm of each example's own loss gradient (Paul, Ganguli & Dziugaite, NeurIPS 2021).
+
+``GraNd(x, y) = ‖∇_θ ℓ(f_θ(x), y)‖₂`` over the chosen parameters (all trainable ones by default),
+averaged over every update it receives (Data Diet averages 10 initialisations or early
+checkpoints). Exact: per-example, not the gradient of a batch mean (which would scale it by 1/B),
+and never a silently partial sum over some layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sampleweights.data import BatchLayout, Forward, default_forward, logits_of, model_device
+from sampleweights.pergrad import BatchCoupledError, LossFn, hooks_sq_norms, vmap_sq_norms
+from sampleweights.scorers.base import (
+    NonFinite,
+    RunningMeanScorer,
+    as_index_tensor,
+    check_range,
+    finite_rows,
+)
+from sampleweights.scorers.passes import eval_mode, unwrap_model
+
+__all__ = ["Engine", "GraNd", "Mode"]
+
+Engine = Literal["auto", "hooks", "vmap"]
+Mode = Literal["eval", "train"]
+_ENGINES: tuple[str, ...] = get_args(Engine)
+_MODES: tuple[str, ...] = get_args(Mode)
+
+
+def cross_entropy_fp32(output: Any, targets: Tensor) -> Tensor:
+    """The default per-example loss: cross-entropy of the logits in fp32 (or fp64), ``(B,)``.
+
+    fp32 because fp16 gradients of easy examples underflow, and those are the ones pruning removes.
+    """
+    logits = logits_of(output)
+    if logits.dim() != 2:
+        raise ValueError(
+            f"The default loss expects logits of shape (batch, classes), but the model returned "
+            f"shape {tuple(logits.shape)}; pass loss_fn=lambda output, target: ... returning (B,)."
+        )
+    # (targets ≥ C raise torch's "Target … is out of bounds" here, before any state changes)
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def _call_with_inputs(model: nn.Module, inputs: Any) -> Any:
+    """Default forward of ``update_indexed``: ``model(x)``, ``model(*x)`` or ``model(**x)``."""
+    from sampleweights.data import move_to_device
+
+    inputs = move_to_device(inputs, model_device(model))
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+class GraNd(RunningMeanScorer):
+    """GraNd scores: the running mean of ``‖∇_θ loss(example)‖₂`` per example.
+
+    GraNd takes no logits: ``update(batch)`` runs its own forward and backward on the batch, in
+    eval mode by default (each module's flag restored afterwards), and leaves the model's
+    ``.grad``, hooks and modes as they were. Use :func:`~sampleweights.score_dataset` for the Data
+    Diet flow (score a checkpoint or the initialisation; several seeds average in the running
+    mean).
+
+    Engines, one answer:
+
+    * ``"vmap"`` — ``torch.func`` ``vmap(grad)``; general; memory ``chunk_size × parameters``.
+    * ``"hooks"`` — per-layer formulas from one backward, never building per-example gradients
+      (Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, BatchNorm in eval); an error for
+      parameters no rule covers.
+    * ``"auto"`` (default) — hooks where a rule covers a parameter, ``vmap`` for the rest (e.g.
+      ``nn.MultiheadAttention``'s projections, tied weights, modules called twice).
+
+    Args:
+        model: the model; a DDP/DataParallel wrapper is scored through ``.module`` (no gradient
+            sync). Under FSDP score a full, unsharded copy (or summon full parameters); under
+            ``torch.compile`` pass the original module (``compiled._orig_mod``).
+        num_examples: ``len(dataset)``.
+        loss_fn: ``loss_fn(output, targets) -> (B,)`` per-example losses (no mean!); default
+            cross-entropy in fp32. A mean-reduced loss would scale every norm by 1/B.
+        engine: ``"auto"``, ``"hooks"`` or ``"vmap"``.
+        params: the parameters to score: names (as in ``named_parameters()``) or ``Parameter``
+            objects; default every parameter with ``requires_grad``. ``params`` of the last
+            layer is DeepCore's cheap approximation; it ranks differently from the exact score.
+        forward: ``forward(model, batch) -> output``; default as in ``score_dataset``.
+        mode: ``"eval"`` (default) or ``"train"``; train mode with BatchNorm is an error (batch
+            statistics couple the examples: there is no per-example gradient).
+        chunk_size: examples per ``vmap`` call (default: ~512 MiB of gradients).
+        device, nonfinite, layout: see :class:`~sampleweights.Scorer`.
+
+    State: 12 bytes per example (fp64 sum, int32 count).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> g = GraNd(model, num_examples=10)
+        >>> g.update_indexed(torch.tensor([0, 5]), torch.randn(2, 3), torch.tensor([1, 0]))
+        >>> scores = g.compute()
+        >>> bool(scores[[0, 5]].gt(0).all()), int(scores.isnan().sum())
+        (True, 8)
+    """
+
+    name = "grand"
+    requires_model = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_examples: int,
+        loss_fn: LossFn | None = None,
+        engine: Engine = "auto",
+        *,
+        params: Iterable[str | nn.Parameter] | None = None,
+        forward: Forward | None = None,
+        mode: Mode = "eval",
+        chunk_size: int | None = None,
+        device: torch.device | str | None = None,
+        nonfinite: NonFinite = "raise",
+        layout: BatchLayout | None = None,
+    ) -> None:
+        super().__init__(num_examples, device=device, nonfinite=nonfinite, layout=layout)
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}."
+            )
+        if engine not in _ENGINES:
+            raise ValueError(f"Expected `engine` in {list(_ENGINES)}, but got {engine!r}.")
+        if mode not in _MODES:
+            raise ValueError(f"Expected `mode` in {list(_MODES)}, but got {mode!r}.")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"Expected `chunk_size` to be an int ≥ 1 or None, got {chunk_size!r}.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("Expected `loss_fn` to be callable: loss_fn(output, targets) -> (B,).")
+        self.model = unwrap_model(model)
+        self.loss_fn: LossFn = loss_fn or cross_entropy_fp32
+        self.engine: Engine = engine
+        self.mode: Mode = mode
+        self.chunk_size = chunk_size
+        self.forward = forward
+        self.param_names = self._resolve_params(params)
+
+    def _resolve_params(self, params: Iterable[str | nn.Parameter] | None) -> list[str]:
+        named = dict(self.model.named_parameters())
+        if params is None:
+            names = [n for n, p in named.items() if p.requires_grad]
+        else:
+            by_id = {id(p): n for n, p in named.items()}
+            names = []
+            for p in params:
+                if isinstance(p, str):
+                    if p not in named:
+                        raise ValueError(
+                            f"`params` names {p!r}, which is not a parameter of the model; "
+                            f"parameters are e.g. {list(named)[:5]}."
+                        )
+                    names.append(p)
+                elif isinstance(p, nn.Parameter) and id(p) in by_id:
+                    names.append(by_id[id(p)])
+                else:
+                    raise ValueError(
+                        "`params` must hold parameter names or Parameters of the model, but got "
+                        f"{type(p).__name__} not in the model."
+                    )
+        if not names:
+            raise ValueError("GraNd has no parameters to score (none requires grad); pass params=.")
+        return list(dict.fromkeys(names))
+
+    # -- updates ---------------------------------------------------------------------------------
+    def update(self, batch: Any, logits: Tensor | None = None) -> None:  # type: ignore[override]
+        """Score one batch with the model (its own forward and backward; no logits needed).
+
+        Args:
+            batch: as a DataLoader over :class:`~sampleweights.WithIndex` yields it.
+            logits: must be None; GraNd needs the model, not the logits.
+        """
+        if logits is not None:
+            raise TypeError(
+                "GraNd.update(batch) takes no logits: it runs its own forward and backward pass "
+                "with the model it was built with."
+            )
+        self._score_batch(batch, None)
+
+    def update_indexed(self, indices: Any, inputs: Any, targets: Any) -> None:  # type: ignore[override]
+        """Score examples given explicitly: ``inputs`` as the model takes them (batch first)."""
+        forward = self.forward or _call_with_inputs
+        self._score(as_index_tensor(indices, "indices"), inputs, targets, forward)
+
+    def _score_batch(self, batch: Any, forward: Forward | None) -> None:
+        """One batch of a loader (``score_dataset`` calls this with its own ``forward``)."""
+        indices = as_index_tensor(self.layout.indices(batch), "indices")
+        forward = forward or self.forward or default_forward(self.layout)
+        self._score(indices, batch, self.layout.targets(batch), forward)
+
+    def _check_model(self, model: nn.Module) -> None:
+        if unwrap_model(model) is not self.model:
+            raise ValueError(
+                "This GraNd scorer was built for another model than the one passed to "
+                "score_dataset; build it with GraNd(model, len(dataset))."
+            )
+
+    def _score(self, indices: Tensor, batch: Any, targets: Any, forward: Forward) -> None:
+        targets = as_index_tensor(targets, "targets")
+        if indices.shape[0] != targets.shape[0]:
+            raise ValueError(
+                f"Expected one index per target, but got {indices.shape[0]} indices and "
+                f"{targets.shape[0]} targets."
+            )
+        check_range(indices, 0, self.num_examples, "indices", f"num_examples={self.num_examples}")
+        if targets.numel() and int(targets.min()) < 0:
+            raise ValueError(f"Expected `targets` ≥ 0, but got {int(targets.min())}.")
+        sq = self._sq_norms(batch, targets, forward)
+        if sq.shape != (indices.shape[0],):
+            raise ValueError(
+                f"`loss_fn` must return one loss per example, shape ({indices.shape[0]},), but "
+                f"GraNd got per-example norms of shape {tuple(sq.shape)}."
+            )
+        norms = sq.clamp_min(0).sqrt().to(torch.float32)
+        if self.nonfinite == "raise" and not bool(finite_rows(norms.unsqueeze(1)).all()):
+            raise ValueError(
+                "Non-finite gradient norms (NaN/inf in the model's output or loss); build GraNd "
+                "with nonfinite='skip' to drop such examples."
+            )
+        device = self._claim_device(norms.device)
+        idx = indices.to(device, torch.int64, non_blocking=True)
+        norms = norms.to(device)
+        if self.nonfinite == "skip":
+            finite = torch.isfinite(norms)
+            self._skipped += (~finite).sum()
+            idx = torch.where(finite, idx, self.num_examples)
+        self._accumulate(idx, norms)
+        self.num_updates += 1
+
+    def _sq_norms(self, batch: Any, targets: Tensor, forward: Forward) -> Tensor:
+        model = self.model
+        device = model_device(model)
+        targets = targets.to(device, non_blocking=True)
+        mode = eval_mode(model) if self.mode == "eval" else contextlib.nullcontext(model)
+        named = dict(model.named_parameters())
+        with mode, _requiring_grad([named[n] for n in self.param_names]):
+            _check_batch_coupling(model)
+            loss_fn = _checked_loss(self.loss_fn)
+            if self.engine == "vmap":
+                return vmap_sq_norms(
+                    model, self.param_names, batch, targets, forward, loss_fn, self.chunk_size
+                )
+            return hooks_sq_norms(
+                model,
+                self.param_names,
+                batch,
+                targets,
+                forward,
+                loss_fn,
+                strict=self.engine == "hooks",
+                chunk_size=self.chunk_size,
+            )
+
+    def _update(self, indices: Tensor, logits: Tensor, targets: Tensor) -> None:
+        raise TypeError("GraNd scores with the model: call update(batch) or update_indexed().")
+
+    def __repr__(self) -> str:
+        return (
+            f"GraNd(num_examples={self.num_examples}, engine={self.engine!r}, "
+            f"params={len(self.param_names)}, num_updates={self.num_updates})"
+        )
+
+
+def _checked_loss(loss_fn: LossFn) -> LossFn:
+    def loss(output: Any, targets: Tensor) -> Tensor:
+        value = loss_fn(output, targets)
+        if not isinstance(value, Tensor) or value.dim() != 1:
+            raise ValueError(
+                "`loss_fn` must return per-example losses of shape (B,) (reduction='none'), "
+                f"but returned {getattr(value, 'shape', type(value).__name__)}."
+            )
+        return value
+
+    return loss
+
+
+@contextlib.contextmanager
+def _requiring_grad(params: list[nn.Parameter]) -> Any:
+    """Let autograd differentiate the scored parameters, restoring their flags afterwards."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _check_batch_coupling(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            module.training or module.running_mean is None
+        ):
+            raise BatchCoupledError(module)

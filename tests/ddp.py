@@ -1,0 +1,47 @@
+"""Run a function on 2 CPU processes with a gloo process group (tests marked ``ddp``)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], out: str, args: tuple) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        Path(out, f"{rank}.pkl").write_bytes(pickle.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(fn: Callable[..., Any], *args: Any, world: int = 2) -> list[Any]:
+    """``fn(rank, world, *args)`` on ``world`` processes; returns each rank's result in order.
+
+    ``fn`` must be importable (defined at module level in a test file or helper module).
+    """
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(
+            _entry,
+            args=(world, _free_port(), fn, out, args),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
+        return [pickle.loads(Path(out, f"{r}.pkl").read_bytes()) for r in range(world)]
