@@ -117,6 +117,12 @@ def _conv1d():
     )
 
 
+def _wide_conv():
+    """Many channels on few positions: the Gram-matrix path of the conv rule."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
+
+
 def _reflect_conv():
     return nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
@@ -144,6 +150,7 @@ SETTINGS = [
     Setting("transformer-encoder", Transformer, _normal(9, 6), 3, hooks_cover_all=False),
     Setting("tied-and-twice", TiedAndTwice, _tokens(11), 11, hooks_cover_all=False),
     Setting("conv1d-mnist1d", _conv1d, _normal(1, 40), 10),
+    Setting("conv-many-channels-gram", _wide_conv, _normal(3, 7, 7), 3),
     Setting("conv-reflect-padding", _reflect_conv, _normal(3, 8, 8), 3, hooks_cover_all=False),
 ]
 

@@ -156,7 +156,7 @@ def test_batchnorm_in_train_mode_is_a_clear_error():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     g = sw.GraNd(model, 4, mode="train")
     before = snapshot(g)
-    with pytest.raises(BatchCoupledError, match="eval mode.*GroupNorm"):
+    with pytest.raises(BatchCoupledError, match=r"eval mode.*GroupNorm"):
         g.update_indexed(torch.arange(4), torch.randn(4, 4), torch.zeros(4, dtype=torch.long))
     assert_same_state(before, snapshot(g))
     g = sw.GraNd(model, 4)  # eval mode (default) works
@@ -204,7 +204,7 @@ def test_bad_input_changes_nothing():
         g.update_indexed(torch.tensor([0, 1]), torch.randn(2, 3), torch.tensor([1]))
     with pytest.raises(IndexError, match="out of bounds"):
         g.update_indexed(torch.tensor([0]), torch.randn(1, 3), torch.tensor([2]))
-    with pytest.raises(ValueError, match="non-finite|Non-finite"):
+    with pytest.raises(ValueError, match=r"[Nn]on-finite"):
         g.update_indexed(torch.tensor([0]), torch.full((1, 3), float("nan")), torch.tensor([1]))
     with pytest.raises(TypeError, match="takes no logits"):
         g.update((torch.randn(1, 3), torch.tensor([1]), torch.tensor([0])), torch.randn(1, 2))

@@ -105,7 +105,7 @@ def _forward_hook(capture: _Capture) -> Callable[..., None]:
         def grad_hook(grad: Tensor) -> None:
             capture.grad = grad
 
-        capture.handles.append(output.register_hook(grad_hook))
+        capture.handles.append(output.register_hook(grad_hook))  # type: ignore[no-untyped-call]
 
     return hook
 

@@ -22,6 +22,7 @@ go to the ``vmap`` fallback — never silently skipped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -61,12 +62,12 @@ def _math_dtype(t: Tensor) -> torch.dtype:
 
 def _sq(x: Tensor) -> Tensor:
     """Per-example squared norm over every dimension but the first."""
-    return x.reshape(x.shape[0], -1).pow(2).sum(dim=1)
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square_()
 
 
 def _outer_sq_norm(a: Tensor, g: Tensor) -> Tensor:
     """``‖Σ_t g_t a_tᵀ‖²_F`` per example for ``a`` (B, T, I), ``g`` (B, T, O)."""
-    b, t, i = a.shape
+    t, i = a.shape[1:]
     o = g.shape[2]
     if t == 1:
         return _sq(a) * _sq(g)
@@ -91,39 +92,53 @@ def _linear(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
 
 def _conv(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | None:
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
-    if (
-        module.padding_mode != "zeros"
-        or (isinstance(module.padding, str)
-        and module.padding != "valid")
-    ):
+    if module.padding_mode != "zeros" or isinstance(module.padding, str) and module.padding != "valid":
         return None  # non-zero padding modes and padding="same" go to the fallback
     dt = _math_dtype(a)
+    a, g = a.to(dt), g.to(dt)
+    b, groups = a.shape[0], module.groups
     padding = (0,) * len(module.kernel_size) if isinstance(module.padding, str) else module.padding
+    positions = g[0, 0].numel()  # T: output positions per example
+    fan_in = module.in_channels // groups * math.prod(module.kernel_size)  # I
+    fan_out = module.out_channels // groups  # O
+    out: dict[str, Tensor] = {}
+    if module.bias is not None:
+        out["bias"] = _sq(g.reshape(b, module.out_channels, -1).sum(dim=2))
+    if positions * (fan_in + fan_out) >= fan_in * fan_out:
+        # Few channels, many positions: materialise the per-example weight gradients with the
+        # conv weight-gradient kernel, the batch folded into the groups (no unfold needed).
+        weight_grad = _CONV_WEIGHT[type(module)](
+            a.reshape(1, b * module.in_channels, *a.shape[2:]),
+            (b * module.out_channels, module.in_channels // groups, *module.kernel_size),
+            g.reshape(1, b * module.out_channels, *g.shape[2:]),
+            stride=module.stride,
+            padding=padding,
+            dilation=module.dilation,
+            groups=b * groups,
+        )  # (B·C_out, C_in/G, *k)
+        out["weight"] = _sq(weight_grad.reshape(b, -1))
+        return out
+    # Many channels, few positions: the Gram form on unfolded patches.
     if isinstance(module, nn.Conv1d):  # treat as a 2-D conv of height 1
-        a = a.unsqueeze(2)
-        g = g.unsqueeze(2)
+        a, g = a.unsqueeze(2), g.unsqueeze(2)
         kernel, dilation = (1, *module.kernel_size), (1, *module.dilation)
         pad, stride = (0, *padding), (1, *module.stride)
     else:
         kernel, dilation, pad, stride = module.kernel_size, module.dilation, padding, module.stride
-    b = a.shape[0]
-    cols = F.unfold(a.to(dt), kernel, dilation=dilation, padding=pad, stride=stride)  # (B, C·k, L)
-    groups = module.groups
-    g = g.to(dt).reshape(b, groups, module.out_channels // groups, -1)  # (B, G, O/G, L)
-    cols = cols.reshape(b, groups, -1, cols.shape[-1])  # (B, G, (C/G)·k, L)
+    cols = F.unfold(a, kernel, dilation=dilation, padding=pad, stride=stride)  # (B, C·k, T)
     bg = b * groups
-    weight = (
+    out["weight"] = (
         _outer_sq_norm(
-            cols.reshape(bg, cols.shape[2], -1).transpose(1, 2),  # (B·G, L, (C/G)·k)
-            g.reshape(bg, g.shape[2], -1).transpose(1, 2),  # (B·G, L, O/G)
+            cols.reshape(bg, fan_in, positions).transpose(1, 2),  # (B·G, T, I)
+            g.reshape(bg, fan_out, positions).transpose(1, 2),  # (B·G, T, O)
         )
         .reshape(b, groups)
         .sum(dim=1)
     )
-    out = {"weight": weight}
-    if module.bias is not None:
-        out["bias"] = _sq(g.sum(dim=3))
     return out
+
+
+_CONV_WEIGHT = {nn.Conv1d: torch.nn.grad.conv1d_weight, nn.Conv2d: torch.nn.grad.conv2d_weight}
 
 
 def _embedding(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | None:
@@ -140,14 +155,15 @@ def _embedding(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | N
     return {"weight": (same * torch.bmm(g2, g2.transpose(1, 2))).sum(dim=(1, 2))}
 
 
-def _affine(
-    module: nn.Module, xhat: Tensor, g: Tensor, channel_dims: tuple[int, ...]
-) -> dict[str, Tensor]:
+def _affine(module: nn.Module, xhat: Tensor, g: Tensor, channel_dims: tuple[int, ...]) -> dict[
+    str, Tensor
+]:
     """Affine-parameter norms: sum ``g ∘ x̂`` and ``g`` over every dim but batch and channels."""
     reduce = tuple(d for d in range(1, g.dim()) if d not in channel_dims)
     out = {}
     if getattr(module, "weight", None) is not None:
-        out["weight"] = _sq((g * xhat).sum(dim=reduce) if reduce else g * xhat)
+        prod = g * xhat
+        out["weight"] = _sq(prod.sum(dim=reduce) if reduce else prod)
     if getattr(module, "bias", None) is not None:
         out["bias"] = _sq(g.sum(dim=reduce) if reduce else g)
     return out
@@ -157,9 +173,9 @@ def _layer_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | 
     assert isinstance(module, nn.LayerNorm)
     dt = _math_dtype(a)
     x, g = a.to(dt), g.to(dt)
+    # x̂ from the library's own kernel (no affine): several times faster than var_mean
+    xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
-    var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
-    xhat = (x - mean) * torch.rsqrt(var + module.eps)
     return _affine(module, xhat, g, channel_dims=dims)
 
 
@@ -167,10 +183,7 @@ def _group_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | 
     assert isinstance(module, nn.GroupNorm)
     dt = _math_dtype(a)
     x, g = a.to(dt), g.to(dt)
-    b, c = x.shape[:2]
-    grouped = x.reshape(b, module.num_groups, -1)
-    var, mean = torch.var_mean(grouped, dim=2, keepdim=True, unbiased=False)
-    xhat = ((grouped - mean) * torch.rsqrt(var + module.eps)).reshape(x.shape)
+    xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
     return _affine(module, xhat, g, channel_dims=(1,))
 
 
@@ -200,12 +213,13 @@ class BatchCoupledError(RuntimeError):
         )
 
 
-for _t in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
-    register_rule(_t, _linear)
+register_rule(nn.Linear, _linear)
+register_rule(nn.modules.linear.NonDynamicallyQuantizableLinear, _linear)
 register_rule(nn.Conv1d, _conv)
 register_rule(nn.Conv2d, _conv)
 register_rule(nn.Embedding, _embedding)
 register_rule(nn.LayerNorm, _layer_norm)
 register_rule(nn.GroupNorm, _group_norm)
-for _t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-    register_rule(_t, _batch_norm)
+register_rule(nn.BatchNorm1d, _batch_norm)
+register_rule(nn.BatchNorm2d, _batch_norm)
+register_rule(nn.BatchNorm3d, _batch_norm)

@@ -103,7 +103,8 @@ class GraNd(RunningMeanScorer):
 
     Example:
         >>> import torch
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> g = GraNd(model, num_examples=10)
         >>> g.update_indexed(torch.tensor([0, 5]), torch.randn(2, 3), torch.tensor([1, 0]))
         >>> scores = g.compute()
@@ -179,7 +180,7 @@ class GraNd(RunningMeanScorer):
         return list(dict.fromkeys(names))
 
     # -- updates ---------------------------------------------------------------------------------
-    def update(self, batch: Any, logits: Tensor | None = None) -> None:  # type: ignore[override]
+    def update(self, batch: Any, logits: Tensor | None = None) -> None:
         """Score one batch with the model (its own forward and backward; no logits needed).
 
         Args:
@@ -193,7 +194,7 @@ class GraNd(RunningMeanScorer):
             )
         self._score_batch(batch, None)
 
-    def update_indexed(self, indices: Any, inputs: Any, targets: Any) -> None:  # type: ignore[override]
+    def update_indexed(self, indices: Any, inputs: Any, targets: Any) -> None:
         """Score examples given explicitly: ``inputs`` as the model takes them (batch first)."""
         forward = self.forward or _call_with_inputs
         self._score(as_index_tensor(indices, "indices"), inputs, targets, forward)
