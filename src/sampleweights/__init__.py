@@ -21,6 +21,7 @@ Example:
 from sampleweights.data import BatchLayout, WithIndex, default_forward, logits_of
 from sampleweights.errors import StateMismatchError
 from sampleweights.groups import group_accuracy, group_weighted_accuracy, worst_group_accuracy
+from sampleweights.persist import load_scores, save_scores
 from sampleweights.reweight import LossReweighter, Normalize, jtt_weights
 from sampleweights.samplers import JTTSampler, PrunedSampler, UpsampleSampler
 from sampleweights.scorers import (
@@ -63,7 +64,9 @@ __all__ = [
     "group_accuracy",
     "group_weighted_accuracy",
     "jtt_weights",
+    "load_scores",
     "logits_of",
+    "save_scores",
     "score_dataset",
     "select",
     "worst_group_accuracy",

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn import grad as conv_grad
 
 __all__ = ["Rule", "find_rule", "register_rule"]
 
@@ -62,7 +63,8 @@ def _math_dtype(t: Tensor) -> torch.dtype:
 
 def _sq(x: Tensor) -> Tensor:
     """Per-example squared norm over every dimension but the first."""
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square_()
+    norms: Tensor = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
+    return norms.square_()
 
 
 def _outer_sq_norm(a: Tensor, g: Tensor) -> Tensor:
@@ -81,18 +83,27 @@ def _outer_sq_norm(a: Tensor, g: Tensor) -> Tensor:
 
 def _linear(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     dt = _math_dtype(a)
+    has_bias = getattr(module, "bias", None) is not None
+    if a.dim() == 2:  # no sequence: ‖∇W_b‖² = ‖a_b‖²‖g_b‖², ‖∇bias_b‖² = ‖g_b‖²
+        g_sq = _sq(g.to(dt))
+        out = {"weight": _sq(a.to(dt)) * g_sq}
+        if has_bias:
+            out["bias"] = g_sq
+        return out
     b = a.shape[0]
-    a3 = a.reshape(b, -1, a.shape[-1]).to(dt)  # (B, T, I); T = 1 without a sequence
+    a3 = a.reshape(b, -1, a.shape[-1]).to(dt)  # (B, T, I)
     g3 = g.reshape(b, -1, g.shape[-1]).to(dt)  # (B, T, O)
     out = {"weight": _outer_sq_norm(a3, g3)}
-    if getattr(module, "bias", None) is not None:
+    if has_bias:
         out["bias"] = _sq(g3.sum(dim=1))
     return out
 
 
 def _conv(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | None:
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
-    if module.padding_mode != "zeros" or isinstance(module.padding, str) and module.padding != "valid":
+    if module.padding_mode != "zeros" or (
+        isinstance(module.padding, str) and module.padding != "valid"
+    ):
         return None  # non-zero padding modes and padding="same" go to the fallback
     dt = _math_dtype(a)
     a, g = a.to(dt), g.to(dt)
@@ -107,7 +118,9 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | None:
     if positions * (fan_in + fan_out) >= fan_in * fan_out:
         # Few channels, many positions: materialise the per-example weight gradients with the
         # conv weight-gradient kernel, the batch folded into the groups (no unfold needed).
-        weight_grad = _CONV_WEIGHT[type(module)](
+        weight_grad = _CONV_WEIGHT[
+            type(module)
+        ](  # type: ignore[no-untyped-call]
             a.reshape(1, b * module.in_channels, *a.shape[2:]),
             (b * module.out_channels, module.in_channels // groups, *module.kernel_size),
             g.reshape(1, b * module.out_channels, *g.shape[2:]),
@@ -138,7 +151,7 @@ def _conv(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | None:
     return out
 
 
-_CONV_WEIGHT = {nn.Conv1d: torch.nn.grad.conv1d_weight, nn.Conv2d: torch.nn.grad.conv2d_weight}
+_CONV_WEIGHT = {nn.Conv1d: conv_grad.conv1d_weight, nn.Conv2d: conv_grad.conv2d_weight}
 
 
 def _embedding(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | None:
@@ -155,9 +168,9 @@ def _embedding(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | N
     return {"weight": (same * torch.bmm(g2, g2.transpose(1, 2))).sum(dim=(1, 2))}
 
 
-def _affine(module: nn.Module, xhat: Tensor, g: Tensor, channel_dims: tuple[int, ...]) -> dict[
-    str, Tensor
-]:
+def _affine(
+    module: nn.Module, xhat: Tensor, g: Tensor, channel_dims: tuple[int, ...]
+) -> dict[str, Tensor]:
     """Affine-parameter norms: sum ``g ∘ x̂`` and ``g`` over every dim but batch and channels."""
     reduce = tuple(d for d in range(1, g.dim()) if d not in channel_dims)
     out = {}

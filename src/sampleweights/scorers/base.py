@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from sampleweights.data import BatchLayout
+from sampleweights.distributed import collective_device, is_distributed, world
 from sampleweights.errors import StateMismatchError
 
 __all__ = ["NonFinite", "RunningMeanScorer", "Scorer"]
@@ -34,10 +35,15 @@ NonFinite = Literal["raise", "skip"]
 _NONFINITE: tuple[str, ...] = ("raise", "skip")
 
 
+Reduce = Literal["sum", "max", "min"]
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
 @dataclass
 class _StateSpec:
     dtype: torch.dtype
     fill: float | int | bool
+    reduce: Reduce | None  # how ranks merge it at compute(); None: already global / custom
 
 
 def _library_version() -> str:
@@ -118,6 +124,9 @@ class Scorer(abc.ABC):
             (``num_skipped``; ``compute()`` warns) — for fp16 runs whose GradScaler skips
             overflowing steps.
         layout: where ``update(batch, logits)`` finds index and target in a batch.
+        process_group: the ``torch.distributed`` group whose ranks share the scores (default:
+            the world when initialised). ``compute()`` is then a collective: call it on every
+            rank; each rank gets the full vector a single process would have computed.
     """
 
     #: Name stored in ``state_dict`` and in saved scores.
@@ -133,6 +142,7 @@ class Scorer(abc.ABC):
         device: torch.device | str | None = None,
         nonfinite: NonFinite = "raise",
         layout: BatchLayout | None = None,
+        process_group: Any = None,
     ) -> None:
         self.num_examples = check_num_examples(num_examples)
         if nonfinite not in _NONFINITE:
@@ -143,6 +153,7 @@ class Scorer(abc.ABC):
             )
         self.nonfinite: NonFinite = nonfinite
         self.layout = layout or BatchLayout()
+        self.process_group = process_group
         self._device_fixed = device is not None
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self._specs: dict[str, _StateSpec] = {}
@@ -151,11 +162,20 @@ class Scorer(abc.ABC):
         self.num_updates = 0
 
     # -- state declaration -----------------------------------------------------------------------
-    def add_state(self, name: str, dtype: torch.dtype, fill: float | int | bool) -> None:
-        """Declare a per-example state tensor of ``num_examples`` entries filled with ``fill``."""
+    def add_state(
+        self, name: str, dtype: torch.dtype, fill: float | int | bool, reduce: Reduce | None = "sum"
+    ) -> None:
+        """Declare a per-example state tensor of ``num_examples`` entries filled with ``fill``.
+
+        ``reduce`` says how the ranks of a distributed job merge it in ``compute()``: ``"sum"``,
+        ``"max"``, ``"min"``, or ``None`` for state that is already global (or merged by an
+        override of ``_merge``).
+        """
         if name in self._specs:
             raise RuntimeError(f"State {name!r} is already declared on {type(self).__name__}.")
-        self._specs[name] = _StateSpec(dtype, fill)
+        self._specs[name] = _StateSpec(dtype, fill, reduce)
+        if self._device.type == "cuda":
+            check_fits(self.num_examples, torch.empty((), dtype=dtype).element_size(), self._device)
         self._state[name] = torch.full(
             (self.num_examples + 1,), fill, dtype=dtype, device=self._device
         )
@@ -275,9 +295,13 @@ class Scorer(abc.ABC):
     def compute(self) -> Tensor:
         """The score of every example: float32, shape ``(num_examples,)``; NaN = never updated."""
         state = {k: v[: self.num_examples] for k, v in self._state.items()}
+        skipped_t = self._skipped
+        if is_distributed(self.process_group):
+            state = self._merge(state)
+            skipped_t = self._all_reduce(self._skipped.clone(), "sum")
         scores = self._compute(state)
         if self.nonfinite == "skip":
-            skipped = self.num_skipped
+            skipped = int(skipped_t)
             if skipped:
                 warnings.warn(
                     f"{type(self).__name__}: {skipped} presentation(s) with non-finite logits were "
@@ -286,6 +310,24 @@ class Scorer(abc.ABC):
                     stacklevel=2,
                 )
         return scores
+
+    def _merge(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Merge the ranks' states (a collective): each declared ``reduce`` op on a copy."""
+        merged = dict(state)
+        for name, spec in self._specs.items():
+            if spec.reduce is not None:
+                merged[name] = self._all_reduce(state[name].clone(), spec.reduce)
+        return merged
+
+    def _all_reduce(self, tensor: Tensor, op: Reduce) -> Tensor:
+        from torch import distributed as dist
+
+        device = tensor.device
+        comm = collective_device(self.process_group, device)
+        # bool cannot be reduced by every backend; small ints keep their values exactly
+        wire = tensor.to(comm, torch.uint8 if tensor.dtype == torch.bool else tensor.dtype)
+        dist.all_reduce(wire, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=self.process_group)
+        return wire.to(device, tensor.dtype)
 
     def reset(self) -> None:
         """Forget every update: the state returns to its declared fill values."""
@@ -303,6 +345,8 @@ class Scorer(abc.ABC):
     def _move_state(self, device: torch.device) -> None:
         if device == self._device:
             return
+        if device.type == "cuda":
+            check_fits(self.num_examples, self.state_bytes_per_example, device)
         self._state = {k: v.to(device) for k, v in self._state.items()}
         self._skipped = self._skipped.to(device)
         self._device = device
@@ -322,7 +366,7 @@ class Scorer(abc.ABC):
             >>> sd["scorer"], sd["num_examples"], sorted(sd["state"])
             ('el2n', 10, ['count', 'sum'])
         """
-        world_size, rank = _world()
+        world_size, rank = world(self.process_group)
         return {
             "scorer": self.name,
             "version": _library_version(),
@@ -367,7 +411,7 @@ class Scorer(abc.ABC):
                     f"State {name!r} must be a tensor of shape ({self.num_examples},), but got "
                     f"{getattr(tensor, 'shape', type(tensor).__name__)}."
                 )
-        world_size, rank = _world()
+        world_size, rank = world(self.process_group)
         if state_dict.get("world_size", 1) != world_size or state_dict.get("rank", 0) != rank:
             warnings.warn(
                 f"Loading the state of rank {state_dict.get('rank')} of a world of "
@@ -413,11 +457,18 @@ class RunningMeanScorer(Scorer):
         return torch.where(count > 0, mean, torch.nan).to(torch.float32)
 
 
-def _world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+def check_fits(num_examples: int, bytes_per_example: int, device: torch.device) -> None:
+    """Raise MemoryError up front when per-example state would not fit in free CUDA memory."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    need = (num_examples + 1) * bytes_per_example
+    if need > free:
+        raise MemoryError(
+            f"Per-example state needs {need / 2**30:.2f} GiB ({bytes_per_example} bytes × "
+            f"{num_examples} examples) but {device} has {free / 2**30:.2f} GiB free. Keep the "
+            "state in host memory with device='cpu' (see docs/scaling.md)."
+        )
 
 
 def finite_rows(logits: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sampleweights.distributed import all_gather_uneven, is_distributed
 from sampleweights.scorers.base import Scorer, last_occurrence
 
 __all__ = ["ForgettingTracker"]
@@ -36,6 +37,11 @@ class ForgettingTracker(Scorer):
     State: 13 bytes per example (last correctness as bool, int32 counts of presentations,
     correct presentations and events).
 
+    Under ``torch.distributed`` each ``update`` exchanges the batch's ``(index, correct)`` pairs
+    (≈9 bytes per example, two small all-gathers and one host sync), so every rank must call
+    ``update`` equally often — true with sampleweights' samplers; a rank that stops early makes
+    the others wait. The state is then the same on every rank.
+
     Example:
         >>> import torch
         >>> s = ForgettingTracker(3)
@@ -52,13 +58,20 @@ class ForgettingTracker(Scorer):
 
     def __init__(self, num_examples: int, **kwargs: Any) -> None:
         super().__init__(num_examples, **kwargs)
-        self.add_state("last_correct", torch.bool, False)
-        self.add_state("presentations", torch.int32, 0)
-        self.add_state("correct", torch.int32, 0)
-        self.add_state("events", torch.int32, 0)
+        # replicated on every rank (each update applies the global batch): no reduction
+        self.add_state("last_correct", torch.bool, False, reduce=None)
+        self.add_state("presentations", torch.int32, 0, reduce=None)
+        self.add_state("correct", torch.int32, 0, reduce=None)
+        self.add_state("events", torch.int32, 0, reduce=None)
 
     def _update(self, indices: Tensor, logits: Tensor, targets: Tensor) -> None:
         correct = logits.argmax(dim=1) == targets  # (B,)
+        if is_distributed(self.process_group):
+            # every rank applies the global batch, ordered by (rank, position): the state stays
+            # identical on all ranks and equals a single process's
+            wire = correct.to(torch.uint8)  # bool is not gathered by every backend
+            indices, wire = all_gather_uneven([indices, wire], self.process_group)
+            correct = wire.bool()
         sorted_idx, order, is_last = last_occurrence(indices)
         now = correct[order]  # correctness in (index, batch position) order
         # The previous presentation: the row before in the same group, else the stored state.

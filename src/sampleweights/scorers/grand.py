@@ -153,6 +153,34 @@ class GraNd(RunningMeanScorer):
         self.forward = forward
         self.param_names = self._resolve_params(params)
 
+    def set_model(self, model: nn.Module) -> None:
+        """Score later updates with ``model``, keeping the running mean (Data Diet's average over
+        seeds: one scorer, a new model per seed). The scored parameter names must exist in it.
+
+        Example:
+            >>> import torch
+            >>> g = GraNd(torch.nn.Linear(3, 2), num_examples=4)
+            >>> for seed in range(2):
+            ...     _ = torch.manual_seed(seed)
+            ...     g.set_model(torch.nn.Linear(3, 2))
+            ...     g.update_indexed(torch.arange(4), torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+            >>> int(g._state["count"][0])
+            2
+        """
+        model = unwrap_model(model)
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}."
+            )
+        named = dict(model.named_parameters())
+        missing = [n for n in self.param_names if n not in named]
+        if missing:
+            raise ValueError(
+                f"The new model lacks the scored parameters {missing[:5]}; GraNd.set_model takes "
+                "a model of the same architecture."
+            )
+        self.model = model
+
     def _resolve_params(self, params: Iterable[str | nn.Parameter] | None) -> list[str]:
         named = dict(self.model.named_parameters())
         if params is None:

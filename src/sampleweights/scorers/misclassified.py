@@ -4,11 +4,13 @@ without Training Group Information", ICML 2021): the training examples the ERM m
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from sampleweights.distributed import world
 from sampleweights.scorers.base import Scorer, last_occurrence
 
 __all__ = ["Misclassified"]
@@ -25,7 +27,9 @@ class Misclassified(Scorer):
     ``compute()`` is float32 ``(num_examples,)``: 1.0 wrong, 0.0 right, NaN never seen. With
     duplicate indices in one update the last occurrence in the batch is the latest.
 
-    State: 5 bytes per example (bool wrong + int32 step of the latest presentation).
+    State: 5 bytes per example (bool wrong + int32 step of the latest presentation). Under
+    ``torch.distributed``, ``compute()`` merges the ranks by the latest (update number, rank):
+    no communication during training; every rank should call ``update`` equally often.
 
     Example:
         >>> import torch
@@ -40,10 +44,10 @@ class Misclassified(Scorer):
 
     def __init__(self, num_examples: int, **kwargs: Any) -> None:
         super().__init__(num_examples, **kwargs)
-        self.add_state("wrong", torch.bool, False)
         # update number (1-based) of the latest presentation, 0 = never; orders "latest"
-        # across processes under torch.distributed
-        self.add_state("step", torch.int32, 0)
+        # across processes under torch.distributed (see _merge)
+        self.add_state("wrong", torch.bool, False, reduce=None)
+        self.add_state("step", torch.int32, 0, reduce=None)
 
     def _update(self, indices: Tensor, logits: Tensor, targets: Tensor) -> None:
         wrong = logits.argmax(dim=1) != targets
@@ -51,6 +55,25 @@ class Misclassified(Scorer):
         last_slot = torch.where(is_last, sorted_idx, self.num_examples)
         self._state["wrong"].index_copy_(0, last_slot, wrong[order])
         self._state["step"].index_fill_(0, last_slot, self.num_updates + 1)
+
+    def _merge(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The latest presentation over all ranks, ordered by (step, rank)."""
+        size, rank = world(self.process_group)
+        counts = self._all_reduce(torch.tensor([self.num_updates, -self.num_updates]), "max")
+        if int(counts[0]) != -int(counts[1]):
+            warnings.warn(
+                f"Misclassified: ranks made between {-int(counts[1])} and {int(counts[0])} "
+                "updates; 'latest' is ordered by update number, which is only meaningful when "
+                "every rank calls update equally often.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        step = state["step"].to(torch.int64)
+        key = torch.where(step > 0, step * size + rank, -1)
+        latest = self._all_reduce(key.clone(), "max")
+        mine = (key == latest) & (step > 0)
+        wrong = self._all_reduce(torch.where(mine, state["wrong"], False).to(torch.int32), "sum")
+        return {"wrong": wrong > 0, "step": torch.where(latest >= 0, latest // size, 0)}
 
     def _compute(self, state: dict[str, Tensor]) -> Tensor:
         wrong = state["wrong"].to(torch.float32)
