@@ -119,8 +119,14 @@ def _conv1d():
 
 def _wide_conv():
     """Many channels on few positions: the Gram-matrix path of the conv rule."""
-    return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32, 3),
+    )
 
 
 def _reflect_conv():

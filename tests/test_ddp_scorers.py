@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ddp import run_ddp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sampleweights as sw
+from ddp import run_ddp
 
 pytestmark = pytest.mark.ddp
 
@@ -18,7 +18,9 @@ N, BATCH, EPOCHS, CLASSES = 37, 4, 3, 3  # odd N and uneven last batches on purp
 
 def _data():
     gen = torch.Generator().manual_seed(7)
-    return TensorDataset(torch.randn(N, 6, generator=gen), torch.randint(0, CLASSES, (N,), generator=gen))
+    return TensorDataset(
+        torch.randn(N, 6, generator=gen), torch.randint(0, CLASSES, (N,), generator=gen)
+    )
 
 
 def _model():
@@ -93,7 +95,9 @@ def test_scores_equal_single_process_on_the_same_presentations():
     for r in ranks:
         assert r["sampler_resume_ok"]
         for k in ("el2n", "mis", "forget"):
-            torch.testing.assert_close(r["resumed"][k], r["live"][k], equal_nan=True, rtol=0, atol=0)
+            torch.testing.assert_close(
+                r["resumed"][k], r["live"][k], equal_nan=True, rtol=0, atol=0
+            )
 
 
 def _grand_shards(rank, world):
@@ -101,8 +105,9 @@ def _grand_shards(rank, world):
     model = _model()
     grand, el2n = sw.GraNd(model, N), sw.EL2N(N)
     sampler = sw.PrunedSampler(range(N), shuffle=False, pad=False)  # exact: no padding
-    sw.score_dataset(model, DataLoader(ds, batch_size=5, sampler=sampler), grand, el2n,
-                     progress=False)
+    sw.score_dataset(
+        model, DataLoader(ds, batch_size=5, sampler=sampler), grand, el2n, progress=False
+    )
     return grand.compute(), el2n.compute(), len(sampler)
 
 
@@ -119,8 +124,11 @@ def test_grand_split_across_ranks_equals_one_process():
 
 def _save_merged(rank, world, path):
     s = sw.EL2N(N)
-    s.update_indexed(torch.arange(rank, N, world), torch.randn(len(range(rank, N, world)), 3),
-                     torch.zeros(len(range(rank, N, world)), dtype=torch.long))
+    s.update_indexed(
+        torch.arange(rank, N, world),
+        torch.randn(len(range(rank, N, world)), 3),
+        torch.zeros(len(range(rank, N, world)), dtype=torch.long),
+    )
     scores = s.compute()  # collective
     if rank == 0:
         sw.save_scores(path, scores, scorer="el2n", world_size=world)

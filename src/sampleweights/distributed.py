@@ -61,9 +61,11 @@ def all_gather_uneven(tensors: list[Tensor], group: Any = None) -> list[Tensor]:
     longest = max(counts)
     out = []
     for t in tensors:
-        padded = torch.zeros(longest, dtype=t.dtype, device=comm)
-        padded[: t.numel()] = t.to(comm)
+        wire = torch.uint8 if t.dtype == torch.bool else t.dtype  # not every backend sends bool
+        padded = torch.zeros(longest, dtype=wire, device=comm)
+        padded[: t.numel()] = t.to(comm, wire)
         parts = [torch.empty_like(padded) for _ in range(size)]
         dist.all_gather(parts, padded, group=group)
-        out.append(torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)]).to(device))
+        gathered = torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
+        out.append(gathered.to(device, t.dtype))
     return out

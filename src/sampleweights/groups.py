@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sampleweights.scorers.base import as_index_tensor
+from sampleweights.validation import as_index_tensor
 
 __all__ = ["group_accuracy", "group_weighted_accuracy", "worst_group_accuracy"]
 

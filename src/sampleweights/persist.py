@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from sampleweights.errors import StateMismatchError
-from sampleweights.scorers.base import Scorer, check_num_examples
+from sampleweights.scorers.base import Scorer
+from sampleweights.validation import check_num_examples
 
 __all__ = ["load_scores", "save_scores"]
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from sampleweights.samplers import error_set
-from sampleweights.scorers.base import as_index_tensor, check_num_examples, check_range
+from sampleweights.validation import as_index_tensor, check_num_examples, check_range
 
 __all__ = ["LossReweighter", "Normalize", "jtt_weights"]
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from sampleweights.errors import StateMismatchError
-from sampleweights.scorers.base import as_index_tensor, check_num_examples, check_range
+from sampleweights.validation import as_index_tensor, check_num_examples, check_range
 
 __all__ = ["JTTSampler", "PrunedSampler", "UpsampleSampler"]
 

@@ -17,17 +17,23 @@ from __future__ import annotations
 
 import abc
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from sampleweights.data import BatchLayout
-from sampleweights.distributed import collective_device, is_distributed, world
+from sampleweights.distributed import all_gather_uneven, collective_device, is_distributed, world
 from sampleweights.errors import StateMismatchError
+from sampleweights.scorers.staging import HostStaging
+from sampleweights.validation import (
+    as_index_tensor,
+    check_fits,
+    check_num_examples,
+    check_range,
+    finite_rows,
+)
 
 __all__ = ["NonFinite", "RunningMeanScorer", "Scorer"]
 
@@ -50,63 +56,6 @@ def _library_version() -> str:
     from sampleweights import __version__
 
     return __version__
-
-
-def check_num_examples(num_examples: Any) -> int:
-    """Validate ``num_examples`` (a positive int) and return it."""
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer):
-        raise TypeError(
-            f"Expected `num_examples` to be an int (len(dataset)), but got "
-            f"{type(num_examples).__name__}."
-        )
-    if num_examples < 1:
-        raise ValueError(f"Expected `num_examples` ≥ 1 (len(dataset)), but got {num_examples}.")
-    return int(num_examples)
-
-
-def as_index_tensor(values: Any, name: str) -> Tensor:
-    """``values`` as a 1-D integer tensor (lists and numpy arrays are converted; no copy of a
-    tensor). Raises TypeError/ValueError naming ``name`` otherwise."""
-    if isinstance(values, Tensor):
-        tensor = values
-    else:
-        array = (
-            np.asarray(values)
-            if isinstance(values, np.ndarray | Sequence) and not isinstance(values, str | bytes)
-            else None
-        )
-        if array is None or array.dtype.kind not in "iub":
-            raise TypeError(
-                f"Expected `{name}` to be a 1-D integer tensor, but got {type(values).__name__}"
-                + (f" of {array.dtype}" if array is not None else "")
-                + "."
-            )
-        tensor = torch.as_tensor(array)
-    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
-        raise TypeError(f"Expected `{name}` to have an integer dtype, but got {tensor.dtype}.")
-    if tensor.dim() != 1:
-        raise ValueError(
-            f"Expected `{name}` to be 1-D (one entry per example), but got shape "
-            f"{tuple(tensor.shape)}."
-        )
-    return tensor
-
-
-def check_range(values: Tensor, low: int, high: int, name: str, what: str) -> None:
-    """Raise ValueError unless every entry of ``values`` is in ``[low, high)``.
-
-    Free for CPU tensors (what a DataLoader yields); for CUDA tensors it synchronises once.
-    """
-    if values.numel() == 0:
-        return
-    lo, hi = torch.aminmax(values)
-    lo_i, hi_i = int(lo), int(hi)
-    if lo_i < low or hi_i >= high:
-        bad = int(((values < low) | (values >= high)).sum())
-        raise ValueError(
-            f"Expected `{name}` in [{low}, {high}) ({what}), but got values from {lo_i} to "
-            f"{hi_i} ({bad} out of range)."
-        )
 
 
 class Scorer(abc.ABC):
@@ -134,6 +83,9 @@ class Scorer(abc.ABC):
     #: True for scorers that run the model themselves (GraNd): ``update(batch)`` takes no logits
     #: and ``score_dataset`` hands them the batch instead of its own no-grad forward.
     requires_model: ClassVar[bool] = False
+    #: True for order-dependent scorers (forgetting): under torch.distributed each update
+    #: all-gathers the batch's (index, value) pairs so every rank applies the global batch.
+    exchanges_updates: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -159,6 +111,7 @@ class Scorer(abc.ABC):
         self._specs: dict[str, _StateSpec] = {}
         self._state: dict[str, Tensor] = {}
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
+        self._staging: HostStaging | None = None
         self.num_updates = 0
 
     # -- state declaration -----------------------------------------------------------------------
@@ -217,14 +170,52 @@ class Scorer(abc.ABC):
         Every check runs before any state changes.
         """
         indices, logits, targets = self._validate(indices, logits, targets)
-        indices, logits, targets = self._to_state_device(indices, logits, targets)
-        if self.nonfinite == "skip":
-            finite = finite_rows(logits)
-            self._skipped += (~finite).sum()
-            # redirect rejected rows to the trash slot: the scatter stays sync-free
+        targets = targets.to(logits.device, torch.int64, non_blocking=True)
+        finite = finite_rows(logits) if self.nonfinite == "skip" else None
+        self._ingest(indices, self._values(logits, targets), finite)
+
+    def _ingest(self, indices: Tensor, values: Tensor, finite: Tensor | None) -> None:
+        """Scatter per-example ``values`` (B,), computed on their own device, into the state.
+
+        ``finite`` (B,) bool marks rows to keep under ``nonfinite="skip"``; the others go to the
+        trash slot, so the scatter stays branch-free and sync-free.
+        """
+        source = values.device
+        indices = indices.to(source, torch.int64, non_blocking=True)
+        skipped = None
+        if finite is not None:
+            skipped = (~finite).sum()
             indices = torch.where(finite, indices, self.num_examples)
-        self._update(indices, logits, targets)
+        if self.exchanges_updates and is_distributed(self.process_group):
+            # order-dependent state: every rank applies the global batch, ordered by (rank,
+            # position), so the state is identical on every rank and equals one process's
+            indices, values = all_gather_uneven([indices, values], self.process_group)
+        device = self._claim_device(source)
+        if device == source:
+            self._apply(indices, values, skipped)
+        elif source.type == "cuda" and device.type == "cpu":
+            # host-memory state: copy this batch to pinned memory without waiting, apply the
+            # previous batch (whose copy has long finished)
+            self._flush()
+            self._staging = HostStaging.start(indices, values, skipped)
+        else:
+            self._apply(
+                indices.to(device),
+                values.to(device),
+                None if skipped is None else skipped.to(device),
+            )
         self.num_updates += 1
+
+    def _apply(self, indices: Tensor, values: Tensor, skipped: Tensor | None) -> None:
+        if skipped is not None:
+            self._skipped += skipped
+        self._scatter(indices, values)
+
+    def _flush(self) -> None:
+        """Apply a staged host transfer (host-memory state), if any."""
+        if self._staging is not None:
+            staged, self._staging = self._staging, None
+            self._apply(*staged.wait())
 
     def _validate(self, indices: Any, logits: Any, targets: Any) -> tuple[Tensor, Tensor, Tensor]:
         indices = as_index_tensor(indices, "indices")
@@ -261,16 +252,6 @@ class Scorer(abc.ABC):
             )
         return indices, logits, targets
 
-    def _to_state_device(
-        self, indices: Tensor, logits: Tensor, targets: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        device = self._claim_device(logits.device)
-        return (
-            indices.to(device, torch.int64, non_blocking=True),
-            logits.to(device, non_blocking=True),
-            targets.to(device, torch.int64, non_blocking=True),
-        )
-
     def _claim_device(self, device: torch.device) -> torch.device:
         """The state's device; the first update moves the state to ``device`` unless fixed."""
         if not self._device_fixed:
@@ -280,12 +261,15 @@ class Scorer(abc.ABC):
 
     # -- subclass interface ------------------------------------------------------------------------
     @abc.abstractmethod
-    def _update(self, indices: Tensor, logits: Tensor, targets: Tensor) -> None:
-        """Scatter one validated batch into the state.
+    def _values(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Per-example values ``(B,)`` from validated, detached logits ``(B, C)`` (any float
+        dtype) and int64 targets ``(B,)``, on the logits' device. Math in fp32."""
 
-        ``indices`` (B,) int64 in ``[0, num_examples]`` (``num_examples`` is the trash slot),
-        ``logits`` (B, C) any float dtype, ``targets`` (B,) int64; all on the state's device.
-        """
+    @abc.abstractmethod
+    def _scatter(self, indices: Tensor, values: Tensor) -> None:
+        """Scatter ``values`` (B,) into the state at ``indices`` (B,) int64 in
+        ``[0, num_examples]`` (``num_examples`` is the trash slot); both on the state's device.
+        Under ``exchanges_updates`` they hold every rank's batch, in rank order."""
 
     @abc.abstractmethod
     def _compute(self, state: dict[str, Tensor]) -> Tensor:
@@ -293,7 +277,11 @@ class Scorer(abc.ABC):
 
     # -- results -----------------------------------------------------------------------------------
     def compute(self) -> Tensor:
-        """The score of every example: float32, shape ``(num_examples,)``; NaN = never updated."""
+        """The score of every example: float32, shape ``(num_examples,)``; NaN = never updated.
+
+        Under ``torch.distributed`` this is a collective: call it on every rank.
+        """
+        self._flush()
         state = {k: v[: self.num_examples] for k, v in self._state.items()}
         skipped_t = self._skipped
         if is_distributed(self.process_group):
@@ -331,6 +319,7 @@ class Scorer(abc.ABC):
 
     def reset(self) -> None:
         """Forget every update: the state returns to its declared fill values."""
+        self._staging = None
         for name, spec in self._specs.items():
             self._state[name].fill_(spec.fill)
         self._skipped.zero_()
@@ -345,6 +334,7 @@ class Scorer(abc.ABC):
     def _move_state(self, device: torch.device) -> None:
         if device == self._device:
             return
+        self._flush()
         if device.type == "cuda":
             check_fits(self.num_examples, self.state_bytes_per_example, device)
         self._state = {k: v.to(device) for k, v in self._state.items()}
@@ -366,6 +356,7 @@ class Scorer(abc.ABC):
             >>> sd["scorer"], sd["num_examples"], sorted(sd["state"])
             ('el2n', 10, ['count', 'sum'])
         """
+        self._flush()
         world_size, rank = world(self.process_group)
         return {
             "scorer": self.name,
@@ -438,8 +429,7 @@ class Scorer(abc.ABC):
 class RunningMeanScorer(Scorer):
     """A scorer whose score is the mean over presentations of a per-example value.
 
-    State: an fp64 sum and an int32 count per example (12 bytes). Subclasses compute the
-    per-example values and call :meth:`_accumulate`.
+    State: an fp64 sum and an int32 count per example (12 bytes). Subclasses write ``_values``.
     """
 
     def __init__(self, num_examples: int, **kwargs: Any) -> None:
@@ -447,7 +437,7 @@ class RunningMeanScorer(Scorer):
         self.add_state("sum", torch.float64, 0.0)
         self.add_state("count", torch.int32, 0)
 
-    def _accumulate(self, indices: Tensor, values: Tensor) -> None:
+    def _scatter(self, indices: Tensor, values: Tensor) -> None:
         self._state["sum"].index_add_(0, indices, values.to(torch.float64))
         self._state["count"].index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
 
@@ -455,29 +445,6 @@ class RunningMeanScorer(Scorer):
         count = state["count"]
         mean = state["sum"] / count.clamp_min(1)
         return torch.where(count > 0, mean, torch.nan).to(torch.float32)
-
-
-def check_fits(num_examples: int, bytes_per_example: int, device: torch.device) -> None:
-    """Raise MemoryError up front when per-example state would not fit in free CUDA memory."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return
-    free, _ = torch.cuda.mem_get_info(device)
-    need = (num_examples + 1) * bytes_per_example
-    if need > free:
-        raise MemoryError(
-            f"Per-example state needs {need / 2**30:.2f} GiB ({bytes_per_example} bytes × "
-            f"{num_examples} examples) but {device} has {free / 2**30:.2f} GiB free. Keep the "
-            "state in host memory with device='cpu' (see docs/scaling.md)."
-        )
-
-
-def finite_rows(logits: Tensor) -> Tensor:
-    """``(B,)`` bool: rows of ``logits`` without NaN or ±inf.
-
-    ``x · 0`` is exactly 0 for finite ``x`` and NaN otherwise, so a row sums to 0 exactly when it is
-    finite: exact, and 7–10× faster on CPU than ``torch.isfinite(logits).all(1)``.
-    """
-    return logits.mul(0).sum(dim=1, dtype=torch.float32) == 0
 
 
 def last_occurrence(indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sampleweights.distributed import all_gather_uneven, is_distributed
 from sampleweights.scorers.base import Scorer, last_occurrence
 
 __all__ = ["ForgettingTracker"]
@@ -55,6 +54,7 @@ class ForgettingTracker(Scorer):
     """
 
     name = "forgetting"
+    exchanges_updates = True
 
     def __init__(self, num_examples: int, **kwargs: Any) -> None:
         super().__init__(num_examples, **kwargs)
@@ -64,16 +64,12 @@ class ForgettingTracker(Scorer):
         self.add_state("correct", torch.int32, 0, reduce=None)
         self.add_state("events", torch.int32, 0, reduce=None)
 
-    def _update(self, indices: Tensor, logits: Tensor, targets: Tensor) -> None:
-        correct = logits.argmax(dim=1) == targets  # (B,)
-        if is_distributed(self.process_group):
-            # every rank applies the global batch, ordered by (rank, position): the state stays
-            # identical on all ranks and equals a single process's
-            wire = correct.to(torch.uint8)  # bool is not gathered by every backend
-            indices, wire = all_gather_uneven([indices, wire], self.process_group)
-            correct = wire.bool()
+    def _values(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return logits.argmax(dim=1) == targets  # (B,) correct
+
+    def _scatter(self, indices: Tensor, values: Tensor) -> None:
         sorted_idx, order, is_last = last_occurrence(indices)
-        now = correct[order]  # correctness in (index, batch position) order
+        now = values[order]  # correctness in (index, batch position) order
         # The previous presentation: the row before in the same group, else the stored state.
         same_as_prev = torch.zeros_like(is_last)
         same_as_prev[1:] = ~is_last[:-1]

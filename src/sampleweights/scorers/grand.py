@@ -18,14 +18,9 @@ from torch import Tensor, nn
 
 from sampleweights.data import BatchLayout, Forward, default_forward, logits_of, model_device
 from sampleweights.pergrad import BatchCoupledError, LossFn, hooks_sq_norms, vmap_sq_norms
-from sampleweights.scorers.base import (
-    NonFinite,
-    RunningMeanScorer,
-    as_index_tensor,
-    check_range,
-    finite_rows,
-)
+from sampleweights.scorers.base import NonFinite, RunningMeanScorer
 from sampleweights.scorers.passes import eval_mode, unwrap_model
+from sampleweights.validation import as_index_tensor, check_range
 
 __all__ = ["Engine", "GraNd", "Mode"]
 
@@ -257,20 +252,13 @@ class GraNd(RunningMeanScorer):
                 f"GraNd got per-example norms of shape {tuple(sq.shape)}."
             )
         norms = sq.clamp_min(0).sqrt().to(torch.float32)
-        if self.nonfinite == "raise" and not bool(finite_rows(norms.unsqueeze(1)).all()):
+        finite = torch.isfinite(norms)
+        if self.nonfinite == "raise" and not bool(finite.all()):
             raise ValueError(
                 "Non-finite gradient norms (NaN/inf in the model's output or loss); build GraNd "
                 "with nonfinite='skip' to drop such examples."
             )
-        device = self._claim_device(norms.device)
-        idx = indices.to(device, torch.int64, non_blocking=True)
-        norms = norms.to(device)
-        if self.nonfinite == "skip":
-            finite = torch.isfinite(norms)
-            self._skipped += (~finite).sum()
-            idx = torch.where(finite, idx, self.num_examples)
-        self._accumulate(idx, norms)
-        self.num_updates += 1
+        self._ingest(indices, norms, finite if self.nonfinite == "skip" else None)
 
     def _sq_norms(self, batch: Any, targets: Tensor, forward: Forward) -> Tensor:
         model = self.model
@@ -296,7 +284,7 @@ class GraNd(RunningMeanScorer):
                 chunk_size=self.chunk_size,
             )
 
-    def _update(self, indices: Tensor, logits: Tensor, targets: Tensor) -> None:
+    def _values(self, logits: Tensor, targets: Tensor) -> Tensor:
         raise TypeError("GraNd scores with the model: call update(batch) or update_indexed().")
 
     def __repr__(self) -> str:

@@ -49,11 +49,13 @@ class Misclassified(Scorer):
         self.add_state("wrong", torch.bool, False, reduce=None)
         self.add_state("step", torch.int32, 0, reduce=None)
 
-    def _update(self, indices: Tensor, logits: Tensor, targets: Tensor) -> None:
-        wrong = logits.argmax(dim=1) != targets
+    def _values(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return logits.argmax(dim=1) != targets  # (B,) wrong
+
+    def _scatter(self, indices: Tensor, values: Tensor) -> None:
         sorted_idx, order, is_last = last_occurrence(indices)
         last_slot = torch.where(is_last, sorted_idx, self.num_examples)
-        self._state["wrong"].index_copy_(0, last_slot, wrong[order])
+        self._state["wrong"].index_copy_(0, last_slot, values[order])
         self._state["step"].index_fill_(0, last_slot, self.num_updates + 1)
 
     def _merge(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
