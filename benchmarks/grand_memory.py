@@ -26,7 +26,8 @@ if what == "floor":
 else:
     engine = "vmap" if what.startswith("vmap") else "hooks"
     chunk = 32 if what == "vmap-chunk32" else len(y)
-    sw.GraNd(model, len(y), engine=engine, chunk_size=chunk).update_indexed(torch.arange(len(y)), x, y)
+    scorer = sw.GraNd(model, len(y), engine=engine, chunk_size=chunk)
+    scorer.update_indexed(torch.arange(len(y)), x, y)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"case": name, "what": what, "peak_mb": (peak - base) / 1024}}))
 """

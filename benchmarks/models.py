@@ -29,7 +29,7 @@ def tiny_mlp(inputs: int = 40, hidden: int = 100, classes: int = 10) -> nn.Modul
     )
 
 
-# -- GraNd benchmark models (issue sizes) -----------------------------------------------------------
+# -- GraNd benchmark models (issue sizes) ------------------------------------------------------
 def mlp_256() -> nn.Module:
     """MLP 40 → 256 → 256 → 10 (batch 512)."""
     return nn.Sequential(

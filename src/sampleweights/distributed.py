@@ -49,7 +49,8 @@ def all_gather_uneven(tensors: list[Tensor], group: Any = None) -> list[Tensor]:
     """All-gather 1-D tensors whose length differs per rank; returns the ranks' tensors
     concatenated in rank order (one result per input tensor, same dtype and device).
 
-    Two collectives: the lengths (one int per rank), then the data padded to the longest.
+    Two collectives: the lengths (one int per rank), then the data padded to the longest
+    (integer and bool tensors in one block; each float tensor in its own).
     """
     size, _ = world(group)
     device = tensors[0].device
@@ -59,13 +60,25 @@ def all_gather_uneven(tensors: list[Tensor], group: Any = None) -> list[Tensor]:
     dist.all_gather(lengths, length, group=group)
     counts = [int(n) for n in lengths]  # one host sync: buffer sizes must be known
     longest = max(counts)
+    exact_ints = all(not (t.is_floating_point() or t.is_complex()) for t in tensors)
+    if exact_ints and len(tensors) > 1:
+        # integer and bool tensors travel together as one int64 (k, B) block: one collective
+        block = torch.stack([t.to(comm, torch.int64) for t in tensors])
+        gathered = _gather_padded(block, counts, longest, group)
+        return [g.to(device, t.dtype) for g, t in zip(gathered, tensors, strict=True)]
     out = []
     for t in tensors:
         wire = torch.uint8 if t.dtype == torch.bool else t.dtype  # not every backend sends bool
-        padded = torch.zeros(longest, dtype=wire, device=comm)
-        padded[: t.numel()] = t.to(comm, wire)
-        parts = [torch.empty_like(padded) for _ in range(size)]
-        dist.all_gather(parts, padded, group=group)
-        gathered = torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
-        out.append(gathered.to(device, t.dtype))
+        (row,) = _gather_padded(t.to(comm, wire).unsqueeze(0), counts, longest, group)
+        out.append(row.to(device, t.dtype))
     return out
+
+
+def _gather_padded(block: Tensor, counts: list[int], longest: int, group: Any) -> list[Tensor]:
+    """All-gather a (k, n_rank) block padded to (k, longest); rows concatenated in rank order."""
+    padded = torch.zeros(block.shape[0], longest, dtype=block.dtype, device=block.device)
+    padded[:, : block.shape[1]] = block
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded, group=group)
+    gathered = torch.cat([p[:, :n] for p, n in zip(parts, counts, strict=True)], dim=1)
+    return list(gathered)

@@ -238,10 +238,11 @@ class PrunedSampler(_MultisetSampler):
         items = as_index_tensor(indices, "indices").to("cpu", torch.int64)
         high = check_num_examples(num_examples) if num_examples is not None else 2**62
         check_range(items, 0, high, "indices", "dataset indices")
-        if _num_unique(items) != items.numel():
+        duplicates = _num_duplicates(items)
+        if duplicates:
             raise ValueError(
-                f"`indices` contains {items.numel() - _num_unique(items)} duplicates; a pruned "
-                "subset lists each index once (use UpsampleSampler to repeat examples)."
+                f"`indices` contains {duplicates} duplicates; a pruned subset lists each index "
+                "once (use UpsampleSampler to repeat examples)."
             )
         super().__init__(items, **kwargs)
 
@@ -311,10 +312,15 @@ def error_set(error_indices: Any, num_examples: int) -> Tensor:
     """Validate an error set: unique dataset indices in ``[0, num_examples)``."""
     errors = as_index_tensor(error_indices, "error_indices").to("cpu", torch.int64)
     check_range(errors, 0, num_examples, "error_indices", f"num_examples={num_examples}")
-    if _num_unique(errors) != errors.numel():
+    if _num_duplicates(errors):
         raise ValueError("`error_indices` contains duplicates; list each error example once.")
     return errors
 
 
-def _num_unique(values: Tensor) -> int:
-    return int(torch.unique(values).numel())
+def _num_duplicates(values: Tensor) -> int:
+    """Entries that repeat an earlier one; O(n) for sorted input (what ``select`` returns)."""
+    if values.numel() < 2:
+        return 0
+    if not bool((values[1:] >= values[:-1]).all()):
+        values = torch.sort(values).values
+    return int((values[1:] == values[:-1]).sum())

@@ -36,7 +36,9 @@ def _as_scores(scores: Any) -> Tensor:
         raise ValueError(
             f"Expected `scores` of shape (num_examples,), but got {tuple(scores.shape)}."
         )
-    values: Tensor = scores.detach().to("cpu", torch.float64)
+    # keep float32/float64 as given (no upcast copy of a 10⁸-entry vector); halves go to fp32
+    dtype = scores.dtype if scores.dtype in (torch.float32, torch.float64) else torch.float32
+    values: Tensor = scores.detach().to("cpu", dtype)
     nan = int(torch.isnan(values).sum())
     if nan:
         raise ValueError(
@@ -206,6 +208,9 @@ def select(
             raise ValueError("Expected `labels` to be non-negative integer class ids.")
 
     gen = torch.Generator().manual_seed(int(seed))
+    if strategy == "random" and skip == 0 and label_t is None:
+        # a uniform subset needs no ranking: skip the sort of all N scores
+        return torch.sort(torch.randperm(n, generator=gen)[:k]).values
     # hardest first, ties in a seeded random order
     perm = torch.randperm(n, generator=gen)
     order = perm[torch.sort(values[perm], descending=True, stable=True).indices]
