@@ -44,7 +44,9 @@ class _Capture:
     inputs: Tensor | None = None
     output: Tensor | None = None
     output_version: int = 0
-    grad: Tensor | None = None
+    active: bool = False  # set once the capture is known valid; its grad hook then applies the rule
+    reached: bool = False  # the output's gradient arrived
+    norms: dict[str, Tensor] | None = None
     handles: list[Any] = field(default_factory=list)
 
 
@@ -103,7 +105,12 @@ def _forward_hook(capture: _Capture) -> Callable[..., None]:
         capture.output_version = output._version
 
         def grad_hook(grad: Tensor) -> None:
-            capture.grad = grad
+            # apply the rule as soon as the gradient arrives and let go of the input: memory
+            # stays near a plain backward's instead of holding every layer's (input, grad)
+            if capture.active and capture.inputs is not None:
+                capture.reached = True
+                capture.norms = capture.rule(capture.module, capture.inputs, grad)
+                capture.inputs = None
 
         capture.handles.append(output.register_hook(grad_hook))  # type: ignore[no-untyped-call]
 
@@ -158,28 +165,28 @@ def hooks_sq_norms(
         wrt: list[Tensor] = []
         for c in valid:
             assert c.output is not None
+            c.active = True
             unchanged = c.output._version == c.output_version
             wrt.append(c.output if unchanged else next(iter(c.params.values())))
+        for c in captures:
+            c.output = None  # ``wrt`` keeps what autograd needs; drop the rest
         if wrt:
             torch.autograd.grad(total, wrt, allow_unused=True)
+        del wrt
 
     b = targets.shape[0]
     dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32
     sq = torch.zeros(b, dtype=dtype, device=losses.device)
     covered: set[int] = set()
     for c in valid:
-        assert c.inputs is not None and c.output is not None
-        if c.grad is None:  # the output did not reach the loss: zero gradient
+        if not c.reached:  # the output did not reach the loss: zero gradient
             covered.update(id(p) for p in c.params.values())
-            continue
-        norms = c.rule(c.module, c.inputs, c.grad)
-        if norms is None:
-            continue
-        for local, p in c.params.items():
-            sq += norms[local].to(dtype)
-            covered.add(id(p))
-    for c in captures:  # drop references to activations
-        c.inputs = c.output = c.grad = None
+        elif c.norms is not None:  # None: the rule does not cover this configuration
+            for local, p in c.params.items():
+                sq += c.norms[local].to(dtype)
+                covered.add(id(p))
+    for c in captures:  # drop references to activations and results
+        c.inputs, c.norms = None, None
 
     rest = [n for i, n in by_id.items() if i not in covered]
     if rest:
