@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from data_diet import make_model
 
-def mnist1d_cnn(channels: int = 32, classes: int = 10) -> nn.Module:
-    """A 1D-CNN for MNIST-1D input (B, 1, 40): three conv layers, a linear head."""
-    return nn.Sequential(
-        nn.Conv1d(1, channels, 5, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv1d(channels, channels, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv1d(channels, channels, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(channels * 5, classes),
-    )
+
+def mnist1d_cnn(channels: int = 32) -> nn.Module:
+    """The README main job's 1D-CNN for MNIST-1D input (B, 1, 40), at 32 channels."""
+    return make_model(channels)
 
 
 def tiny_mlp(inputs: int = 40, hidden: int = 100, classes: int = 10) -> nn.Module:

@@ -45,7 +45,7 @@ except ImportError:  # tqdm is optional
 
 # -- data ---------------------------------------------------------------------------------------
 def load_mnist1d(n_train: int, cache_dir: Path, seed: int = 42) -> dict[str, np.ndarray]:
-    """MNIST-1D generated locally (never downloaded), cached to ``cache_dir`` after the first run."""
+    """MNIST-1D generated on this machine (never downloaded), cached in ``cache_dir``."""
     total = math.ceil(n_train / 0.8)
     path = cache_dir / f"mnist1d_{total}_{seed}.pkl"
     if path.exists():
@@ -166,7 +166,6 @@ def run(args: argparse.Namespace) -> dict:
     data = load_mnist1d(args.n_train, Path(args.data_dir))
     train_ds, test_ds = tensors(data)
     n = len(train_ds)
-    labels = train_ds.tensors[1]
     scores = score(train_ds, args, device)
     ds = sw.WithIndex(train_ds)
 
@@ -295,7 +294,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = run(args)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import sampleweights as sw
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_diet import load_mnist1d, tqdm  # noqa: E402  (the same offline data and progress bars)
+from data_diet import load_mnist1d, tqdm  # the same offline data and progress bars
 
 
 def make_split(x: np.ndarray, digits: np.ndarray, agree: float, bump: float, rng) -> dict:
@@ -138,8 +138,12 @@ def run(args) -> dict:
             if best is None or worst > best[0]:
                 best = (worst, t, lam, n_err)
         assert best is not None
-        chosen[variant] = {"T": best[1], "lambda": best[2], "val_worst": best[0],
-                           "error_set_size": best[3]}
+        chosen[variant] = {
+            "T": best[1],
+            "lambda": best[2],
+            "val_worst": best[0],
+            "error_set_size": best[3],
+        }
     results["chosen"] = chosen
 
     group_w = 1.0 / torch.bincount(train_groups, minlength=4).clamp_min(1).float()
@@ -180,8 +184,10 @@ def report(results: dict) -> str:
         "|---|---|---|---|",
     ]
     for name, r in results["table"].items():
-        cells = [f"{100 * np.mean(r[k]):.1f} ± {100 * np.std(r[k]):.1f}"
-                 for k in ("avg", "worst", "weighted")]
+        cells = [
+            f"{100 * np.mean(r[k]):.1f} ± {100 * np.std(r[k]):.1f}"
+            for k in ("avg", "worst", "weighted")
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for variant, c in results["chosen"].items():
         lines.append(

@@ -8,7 +8,12 @@ import torch
 from torch import Tensor
 
 from sampleweights.samplers import error_set
-from sampleweights.validation import as_index_tensor, check_num_examples, check_range
+from sampleweights.validation import (
+    as_float_vector,
+    as_index_tensor,
+    check_num_examples,
+    check_range,
+)
 
 __all__ = ["LossReweighter", "Normalize", "jtt_weights"]
 
@@ -44,15 +49,7 @@ class LossReweighter:
     """
 
     def __init__(self, weights: Tensor, normalize: Normalize = "mean") -> None:
-        if not isinstance(weights, Tensor) or not weights.is_floating_point():
-            raise TypeError(
-                "Expected `weights` to be a float tensor of shape (num_examples,), but got "
-                f"{getattr(weights, 'dtype', type(weights).__name__)}."
-            )
-        if weights.dim() != 1 or weights.numel() == 0:
-            raise ValueError(
-                f"Expected `weights` of shape (num_examples,), but got {tuple(weights.shape)}."
-            )
+        weights = as_float_vector(weights, "weights", "one weight per example")
         if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
             raise ValueError("Expected `weights` to be finite and ≥ 0.")
         if not bool((weights > 0).any()):

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sampleweights.validation import as_float_vector
+
 __all__ = ["Strategy", "select"]
 
 Strategy = Literal["hardest", "easiest", "random", "stratified"]
@@ -25,17 +27,7 @@ _STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 def _as_scores(scores: Any) -> Tensor:
-    if isinstance(scores, np.ndarray):
-        scores = torch.from_numpy(scores)
-    if not isinstance(scores, Tensor) or not scores.is_floating_point():
-        raise TypeError(
-            "Expected `scores` to be a 1-D float tensor (a scorer's compute()), but got "
-            f"{getattr(scores, 'dtype', type(scores).__name__)}."
-        )
-    if scores.dim() != 1 or scores.numel() == 0:
-        raise ValueError(
-            f"Expected `scores` of shape (num_examples,), but got {tuple(scores.shape)}."
-        )
+    scores = as_float_vector(scores, "scores", "a scorer's compute()")
     # keep float32/float64 as given (no upcast copy of a 10⁸-entry vector); halves go to fp32
     dtype = scores.dtype if scores.dtype in (torch.float32, torch.float64) else torch.float32
     values: Tensor = scores.detach().to("cpu", dtype)

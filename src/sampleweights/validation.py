@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "as_float_vector",
     "as_index_tensor",
     "check_fits",
     "check_num_examples",
@@ -56,6 +57,22 @@ def as_index_tensor(values: Any, name: str) -> Tensor:
             f"{tuple(tensor.shape)}."
         )
     return tensor
+
+
+def as_float_vector(values: Any, name: str, what: str) -> Tensor:
+    """``values`` as a non-empty 1-D float tensor (numpy arrays converted), or a clear error."""
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(values)
+    if not isinstance(values, Tensor) or not values.is_floating_point():
+        raise TypeError(
+            f"Expected `{name}` to be a 1-D float tensor ({what}), but got "
+            f"{getattr(values, 'dtype', type(values).__name__)}."
+        )
+    if values.dim() != 1 or values.numel() == 0:
+        raise ValueError(
+            f"Expected `{name}` of shape (num_examples,), but got {tuple(values.shape)}."
+        )
+    return values
 
 
 def check_range(values: Tensor, low: int, high: int, name: str, what: str) -> None:
