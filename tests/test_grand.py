@@ -175,7 +175,8 @@ def test_score_dataset_and_update_batch_match_update_indexed():
     want = reference_grand(model, x, y).float()
     torch.testing.assert_close(a.compute(), want, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(b.compute(), want, rtol=1e-4, atol=1e-7)
-    assert e.num_updates == 4
+    assert e.num_updates == a.num_updates == 4
+    assert b.num_updates == 3
 
 
 def test_running_mean_over_several_models_like_data_diet_seeds():

@@ -1,11 +1,12 @@
 """The :class:`Scorer` base class: per-example state, validation, persistence and devices.
 
-A concrete scorer declares its state once (``self.add_state(...)`` in ``__init__``) and writes two
-methods: ``_update(indices, logits, targets)`` that scatters one batch into that state with
-vectorised ops, and ``_compute(state)`` that turns the state into one float32 score per example.
-Everything else — reading batches, validating input before anything changes, the non-finite
-policy, moving state to the device of the updates, ``reset``, ``state_dict`` — lives here, after
-the pattern of torchmetrics' ``Metric``.
+A concrete scorer declares its state once (``self.add_state(...)`` in ``__init__``) and writes
+three methods: ``_values(logits, targets)`` — one value per example, computed where the logits
+are; ``_scatter(indices, values, step)`` — vectorised scatter of a batch into the state; and
+``_compute(state)`` — one float32 score per example. Everything else — reading batches,
+validating input before anything changes, the non-finite policy, where the state lives (and the
+transfer to host memory), merging ranks, ``reset``, ``state_dict`` — lives here, after the
+pattern of torchmetrics' ``Metric``.
 
 State layout: every state tensor has ``num_examples + 1`` entries. The extra last slot is a *trash
 slot*: rows that must not count (non-finite logits under ``nonfinite="skip"``, non-final duplicates
@@ -61,7 +62,8 @@ def _library_version() -> str:
 class Scorer(abc.ABC):
     """Base class of every scorer: per-example state keyed by dataset index.
 
-    Subclasses call :meth:`add_state` in ``__init__`` and implement ``_update`` and ``_compute``.
+    Subclasses call :meth:`add_state` in ``__init__`` and implement ``_values``, ``_scatter`` and
+    ``_compute``.
     Users call :meth:`update` (or :meth:`update_indexed`) once per batch and :meth:`compute` when
     they want the scores.
 
@@ -191,25 +193,27 @@ class Scorer(abc.ABC):
             # position), so the state is identical on every rank and equals one process's
             indices, values = all_gather_uneven([indices, values], self.process_group)
         device = self._claim_device(source)
+        self.num_updates += 1
+        step = self.num_updates
         if device == source:
-            self._apply(indices, values, skipped)
+            self._apply(indices, values, skipped, step)
         elif source.type == "cuda" and device.type == "cpu":
             # host-memory state: copy this batch to pinned memory without waiting, apply the
             # previous batch (whose copy has long finished)
             self._flush()
-            self._staging = HostStaging.start(indices, values, skipped)
+            self._staging = HostStaging.start(indices, values, skipped, step)
         else:
             self._apply(
                 indices.to(device),
                 values.to(device),
                 None if skipped is None else skipped.to(device),
+                step,
             )
-        self.num_updates += 1
 
-    def _apply(self, indices: Tensor, values: Tensor, skipped: Tensor | None) -> None:
+    def _apply(self, indices: Tensor, values: Tensor, skipped: Tensor | None, step: int) -> None:
         if skipped is not None:
             self._skipped += skipped
-        self._scatter(indices, values)
+        self._scatter(indices, values, step)
 
     def _flush(self) -> None:
         """Apply a staged host transfer (host-memory state), if any."""
@@ -266,10 +270,11 @@ class Scorer(abc.ABC):
         dtype) and int64 targets ``(B,)``, on the logits' device. Math in fp32."""
 
     @abc.abstractmethod
-    def _scatter(self, indices: Tensor, values: Tensor) -> None:
+    def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         """Scatter ``values`` (B,) into the state at ``indices`` (B,) int64 in
         ``[0, num_examples]`` (``num_examples`` is the trash slot); both on the state's device.
-        Under ``exchanges_updates`` they hold every rank's batch, in rank order."""
+        ``step`` is the 1-based number of the update they came from. Under
+        ``exchanges_updates`` they hold every rank's batch, in rank order."""
 
     @abc.abstractmethod
     def _compute(self, state: dict[str, Tensor]) -> Tensor:
@@ -403,6 +408,7 @@ class Scorer(abc.ABC):
                     f"{getattr(tensor, 'shape', type(tensor).__name__)}."
                 )
         world_size, rank = world(self.process_group)
+        self._staging = None  # a batch in flight belongs to the state being replaced
         if state_dict.get("world_size", 1) != world_size or state_dict.get("rank", 0) != rank:
             warnings.warn(
                 f"Loading the state of rank {state_dict.get('rank')} of a world of "
@@ -437,7 +443,7 @@ class RunningMeanScorer(Scorer):
         self.add_state("sum", torch.float64, 0.0)
         self.add_state("count", torch.int32, 0)
 
-    def _scatter(self, indices: Tensor, values: Tensor) -> None:
+    def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         self._state["sum"].index_add_(0, indices, values.to(torch.float64))
         self._state["count"].index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
 

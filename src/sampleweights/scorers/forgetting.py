@@ -67,7 +67,7 @@ class ForgettingTracker(Scorer):
     def _values(self, logits: Tensor, targets: Tensor) -> Tensor:
         return logits.argmax(dim=1) == targets  # (B,) correct
 
-    def _scatter(self, indices: Tensor, values: Tensor) -> None:
+    def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         sorted_idx, order, is_last = last_occurrence(indices)
         now = values[order]  # correctness in (index, batch position) order
         # The previous presentation: the row before in the same group, else the stored state.

@@ -52,11 +52,11 @@ class Misclassified(Scorer):
     def _values(self, logits: Tensor, targets: Tensor) -> Tensor:
         return logits.argmax(dim=1) != targets  # (B,) wrong
 
-    def _scatter(self, indices: Tensor, values: Tensor) -> None:
+    def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         sorted_idx, order, is_last = last_occurrence(indices)
         last_slot = torch.where(is_last, sorted_idx, self.num_examples)
         self._state["wrong"].index_copy_(0, last_slot, values[order])
-        self._state["step"].index_fill_(0, last_slot, self.num_updates + 1)
+        self._state["step"].index_fill_(0, last_slot, step)
 
     def _merge(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """The latest presentation over all ranks, ordered by (step, rank)."""

@@ -31,18 +31,22 @@ class HostStaging:
     indices: Tensor
     values: Tensor
     skipped: Tensor | None
+    step: int  # the update the batch came from
 
     @classmethod
-    def start(cls, indices: Tensor, values: Tensor, skipped: Tensor | None) -> HostStaging:
+    def start(
+        cls, indices: Tensor, values: Tensor, skipped: Tensor | None, step: int
+    ) -> HostStaging:
         staged = cls(
             torch.cuda.Event(),  # type: ignore[no-untyped-call]
             _pinned_copy(indices),
             _pinned_copy(values),
             None if skipped is None else _pinned_copy(skipped),
+            step,
         )
         staged.event.record()
         return staged
 
-    def wait(self) -> tuple[Tensor, Tensor, Tensor | None]:
+    def wait(self) -> tuple[Tensor, Tensor, Tensor | None, int]:
         self.event.synchronize()
-        return self.indices, self.values, self.skipped
+        return self.indices, self.values, self.skipped, self.step
