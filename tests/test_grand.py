@@ -256,3 +256,26 @@ def test_hf_style_dict_batches_with_custom_loss():
         g = sw.GraNd(model, 6, engine=engine)
         g.update(batch)
         torch.testing.assert_close(g.compute(), reference_grand(model.lin, x, y).float())
+
+
+class ScaledLinear(nn.Linear):
+    """A subclass that changes forward: the Linear rule must not be applied to it silently."""
+
+    def forward(self, x):
+        return super().forward(2 * x)
+
+
+def test_subclasses_are_not_matched_and_rules_are_not_overwritten(monkeypatch):
+    from sampleweights.pergrad import register_rule, rules
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledLinear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    want = reference_grand(model, x, y).float()
+    torch.testing.assert_close(grand(model, x, y, "auto"), want)  # via the vmap fallback
+    with pytest.raises(UnsupportedLayerError, match=r"0\.weight \(ScaledLinear\)"):
+        grand(model, x, y, "hooks")
+    with pytest.raises(ValueError, match="already registered"):
+        register_rule(nn.Linear, rules._linear)
+    monkeypatch.setitem(rules._RULES, ScaledLinear, lambda m, a, g: rules._linear(m, 2 * a, g))
+    torch.testing.assert_close(grand(model, x, y, "hooks"), want)  # a user's own rule
