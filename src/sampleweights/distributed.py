@@ -23,7 +23,13 @@ import torch
 from torch import Tensor
 from torch import distributed as dist
 
-__all__ = ["all_gather_uneven", "collective_device", "is_distributed", "world"]
+__all__ = [
+    "all_gather_uneven",
+    "all_reduce_copy",
+    "collective_device",
+    "is_distributed",
+    "world",
+]
 
 
 def is_distributed(group: Any = None) -> bool:
@@ -43,6 +49,22 @@ def collective_device(group: Any, device: torch.device) -> torch.device:
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce_copy(tensor: Tensor, op: str, group: Any = None) -> Tensor:
+    """All-reduce a copy of ``tensor`` (``op``: "sum", "max" or "min"); the input is unchanged.
+
+    Runs on the collective's device (CUDA for NCCL) and returns on the tensor's own device and
+    dtype; bool travels as uint8, which every backend reduces.
+    """
+    device = tensor.device
+    comm = collective_device(group, device)
+    wire = tensor.to(comm, torch.uint8 if tensor.dtype == torch.bool else tensor.dtype, copy=True)
+    dist.all_reduce(wire, op=_REDUCE_OPS[op], group=group)
+    return wire.to(device, tensor.dtype)
 
 
 def all_gather_uneven(tensors: list[Tensor], group: Any = None) -> list[Tensor]:

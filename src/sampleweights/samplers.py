@@ -30,19 +30,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from sampleweights.distributed import world
 from sampleweights.errors import StateMismatchError
 from sampleweights.validation import as_index_tensor, check_num_examples, check_range
 
 __all__ = ["JTTSampler", "PrunedSampler", "UpsampleSampler"]
 
 
-def _world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
-    dist = torch.distributed
-    initialised = dist.is_available() and dist.is_initialized()
-    if num_replicas is None:
-        num_replicas = dist.get_world_size() if initialised else 1
-    if rank is None:
-        rank = dist.get_rank() if initialised else 0
+def _replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """``(num_replicas, rank)``: the arguments, else the initialised process group, else (1, 0)."""
+    group_size, group_rank = world()
+    num_replicas = group_size if num_replicas is None else num_replicas
+    rank = group_rank if rank is None else rank
     for name, value in (("num_replicas", num_replicas), ("rank", rank)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"Expected `{name}` to be an int, but got {type(value).__name__}.")
@@ -68,7 +67,7 @@ class _MultisetSampler(Sampler[int]):
         pad: bool = True,
         num_samples: int | None = None,
     ) -> None:
-        self.num_replicas, self.rank = _world(num_replicas, rank)
+        self.num_replicas, self.rank = _replicas(num_replicas, rank)
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
             raise TypeError(f"Expected `seed` to be an int, but got {type(seed).__name__}.")
         if num_samples is not None and (

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from sampleweights.data import BatchLayout
-from sampleweights.distributed import all_gather_uneven, collective_device, is_distributed, world
+from sampleweights.distributed import all_gather_uneven, all_reduce_copy, is_distributed, world
 from sampleweights.errors import StateMismatchError
 from sampleweights.scorers.staging import HostStaging
 from sampleweights.validation import (
@@ -43,7 +43,6 @@ _NONFINITE: tuple[str, ...] = ("raise", "skip")
 
 
 Reduce = Literal["sum", "max", "min"]
-_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
 @dataclass
@@ -263,6 +262,16 @@ class Scorer(abc.ABC):
             self._device_fixed = True
         return self._device
 
+    # -- scorers that run the model (requires_model) ----------------------------------------------
+    def _check_model(self, model: Any) -> None:
+        """Raise unless this scorer scores ``model`` (only scorers with ``requires_model``)."""
+        if self.requires_model:
+            raise TypeError(f"{type(self).__name__} sets requires_model but lacks _check_model.")
+
+    def _score_batch(self, batch: Any, forward: Any) -> None:
+        """Score one loader batch with the model (only scorers with ``requires_model``)."""
+        raise TypeError(f"{type(self).__name__} scores logits: call update(batch, logits).")
+
     # -- subclass interface ------------------------------------------------------------------------
     @abc.abstractmethod
     def _values(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -291,7 +300,7 @@ class Scorer(abc.ABC):
         skipped_t = self._skipped
         if is_distributed(self.process_group):
             state = self._merge(state)
-            skipped_t = self._all_reduce(self._skipped.clone(), "sum")
+            skipped_t = all_reduce_copy(self._skipped, "sum", self.process_group)
         scores = self._compute(state)
         if self.nonfinite == "skip":
             skipped = int(skipped_t)
@@ -309,18 +318,8 @@ class Scorer(abc.ABC):
         merged = dict(state)
         for name, spec in self._specs.items():
             if spec.reduce is not None:
-                merged[name] = self._all_reduce(state[name].clone(), spec.reduce)
+                merged[name] = all_reduce_copy(state[name], spec.reduce, self.process_group)
         return merged
-
-    def _all_reduce(self, tensor: Tensor, op: Reduce) -> Tensor:
-        from torch import distributed as dist
-
-        device = tensor.device
-        comm = collective_device(self.process_group, device)
-        # bool cannot be reduced by every backend; small ints keep their values exactly
-        wire = tensor.to(comm, torch.uint8 if tensor.dtype == torch.bool else tensor.dtype)
-        dist.all_reduce(wire, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=self.process_group)
-        return wire.to(device, tensor.dtype)
 
     def reset(self) -> None:
         """Forget every update: the state returns to its declared fill values."""

@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sampleweights.data import BatchLayout, Forward, default_forward, logits_of, model_device
+from sampleweights.data import (
+    BatchLayout,
+    Forward,
+    default_forward,
+    logits_of,
+    model_device,
+    move_to_device,
+)
 from sampleweights.pergrad import BatchCoupledError, LossFn, hooks_sq_norms, vmap_sq_norms
 from sampleweights.scorers.base import NonFinite, RunningMeanScorer
 from sampleweights.scorers.passes import eval_mode, unwrap_model
@@ -49,8 +56,6 @@ def cross_entropy_fp32(output: Any, targets: Tensor) -> Tensor:
 
 def _call_with_inputs(model: nn.Module, inputs: Any) -> Any:
     """Default forward of ``update_indexed``: ``model(x)``, ``model(*x)`` or ``model(**x)``."""
-    from sampleweights.data import move_to_device
-
     inputs = move_to_device(inputs, model_device(model))
     if isinstance(inputs, Mapping):
         return model(**inputs)

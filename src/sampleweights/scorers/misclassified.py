@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sampleweights.distributed import world
+from sampleweights.distributed import all_reduce_copy, world
 from sampleweights.scorers.base import Scorer, last_occurrence
 
 __all__ = ["Misclassified"]
@@ -61,7 +61,8 @@ class Misclassified(Scorer):
     def _merge(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """The latest presentation over all ranks, ordered by (step, rank)."""
         size, rank = world(self.process_group)
-        counts = self._all_reduce(torch.tensor([self.num_updates, -self.num_updates]), "max")
+        group = self.process_group
+        counts = all_reduce_copy(torch.tensor([self.num_updates, -self.num_updates]), "max", group)
         if int(counts[0]) != -int(counts[1]):
             warnings.warn(
                 f"Misclassified: ranks made between {-int(counts[1])} and {int(counts[0])} "
@@ -72,9 +73,9 @@ class Misclassified(Scorer):
             )
         step = state["step"].to(torch.int64)
         key = torch.where(step > 0, step * size + rank, -1)
-        latest = self._all_reduce(key.clone(), "max")
+        latest = all_reduce_copy(key, "max", group)
         mine = (key == latest) & (step > 0)
-        wrong = self._all_reduce(torch.where(mine, state["wrong"], False).to(torch.int32), "sum")
+        wrong = all_reduce_copy(torch.where(mine, state["wrong"], False), "sum", group)
         return {"wrong": wrong > 0, "step": torch.where(latest >= 0, latest // size, 0)}
 
     def _compute(self, state: dict[str, Tensor]) -> Tensor:

@@ -108,23 +108,23 @@ def score_dataset(
     logit_scorers = [s for s in scorers if not s.requires_model]
     model_scorers = [s for s in scorers if s.requires_model]
     for s in model_scorers:
-        s._check_model(model)  # type: ignore[attr-defined]
+        s._check_model(model)
 
     batches: Iterable[Any] = loader
     if progress:
         batches = _progress(loader)
+    # one model call for all logit scorers; the default forward finds the inputs of a dict batch
+    # with the first scorer's layout
+    fwd = forward or default_forward(logit_scorers[0].layout if logit_scorers else None)
     with eval_mode(model):
         for batch in batches:
             if logit_scorers:
-                # one model call for all logit scorers; the default forward finds the inputs
-                # of a dict batch with the first scorer's layout
-                fwd = forward or default_forward(logit_scorers[0].layout)
                 with torch.no_grad():
                     logits = logits_of(fwd(model, batch))
                 for s in logit_scorers:
                     s.update(batch, logits)
             for s in model_scorers:
-                s._score_batch(batch, forward)  # type: ignore[attr-defined]
+                s._score_batch(batch, forward)
 
 
 def _progress(loader: Iterable[Any]) -> Iterable[Any]:
