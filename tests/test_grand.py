@@ -279,3 +279,31 @@ def test_subclasses_are_not_matched_and_rules_are_not_overwritten(monkeypatch):
         register_rule(nn.Linear, rules._linear)
     monkeypatch.setitem(rules._RULES, ScaledLinear, lambda m, a, g: rules._linear(m, 2 * a, g))
     torch.testing.assert_close(grand(model, x, y, "hooks"), want)  # a user's own rule
+
+
+class InputChangedInPlace(nn.Module):
+    """A layer's input modified in place after the layer read it. Ordinary training fails on it
+    (autograd's version check); the hook engine, which computes no weight gradient, would not
+    notice and would apply the formula to the wrong activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = x * 2
+        out = self.b(self.a(h))
+        h.mul_(0.5)  # after self.a consumed h
+        return out + h.sum(dim=1, keepdim=True)
+
+
+def test_an_input_changed_in_place_is_never_scored_silently_wrong():
+    torch.manual_seed(0)
+    model = InputChangedInPlace()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        reference_grand(model, x, y)  # what ordinary autograd says
+    with pytest.raises(UnsupportedLayerError, match=r"a\.weight"):
+        grand(model, x, y, "hooks")
+    with pytest.raises(RuntimeError, match="inplace"):
+        grand(model, x, y, "auto")  # the fallback meets autograd's own check

@@ -42,6 +42,7 @@ class _Capture:
     params: dict[str, nn.Parameter]  # local name → parameter, only those in scope
     calls: int = 0
     inputs: Tensor | None = None
+    input_version: int = 0
     output: Tensor | None = None
     output_version: int = 0
     active: bool = False  # set once the capture is known valid; its grad hook then applies the rule
@@ -101,6 +102,7 @@ def _forward_hook(capture: _Capture) -> Callable[..., None]:
         if not isinstance(output, Tensor) or not output.requires_grad:
             return
         capture.inputs = args[0].detach()
+        capture.input_version = args[0]._version
         capture.output = output
         capture.output_version = output._version
 
@@ -109,7 +111,10 @@ def _forward_hook(capture: _Capture) -> Callable[..., None]:
             # stays near a plain backward's instead of holding every layer's (input, grad)
             if capture.active and capture.inputs is not None:
                 capture.reached = True
-                capture.norms = capture.rule(capture.module, capture.inputs, grad)
+                if capture.inputs._version == capture.input_version:
+                    capture.norms = capture.rule(capture.module, capture.inputs, grad)
+                # else: the input was changed in place after the layer read it; the rule would
+                # see the wrong activations, so the parameters go to the fallback (norms None)
                 capture.inputs = None
 
         capture.handles.append(output.register_hook(grad_hook))  # type: ignore[no-untyped-call]
