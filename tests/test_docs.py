@@ -36,3 +36,11 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
 def test_every_doc_with_code_is_collected():
     assert (ROOT / "README.md") in FILES
     assert os.path.isdir(ROOT / "docs")
+
+
+def test_api_page_names_every_public_name():
+    import sampleweights as sw
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    missing = [name for name in sw.__all__ if f"`{name}" not in page]
+    assert not missing, f"docs/api.md does not mention {missing}"

@@ -199,3 +199,18 @@ def test_update_reads_tuple_and_dict_batches(scorer_cls):
     )
     torch.testing.assert_close(a.compute(), b.compute(), equal_nan=True)
     assert a.compute().isnan().sum() == 2
+
+
+def test_validate_false_skips_the_range_checks_only(scorer_cls, monkeypatch):
+    import sampleweights.scorers.base as base
+
+    idx, logits, y = torch.tensor([0, 2, 2]), torch.randn(3, 4), torch.tensor([1, 3, 0])
+    checked, trusting = scorer_cls(5), scorer_cls(5, validate=False)
+    checked.update_indexed(idx, logits, y)
+    calls = []
+    monkeypatch.setattr(base, "check_range", lambda *a: calls.append(a))
+    trusting.update_indexed(idx, logits, y)
+    assert calls == []  # no range check, so no host sync for CUDA indices or targets
+    torch.testing.assert_close(trusting.compute(), checked.compute(), equal_nan=True)
+    with pytest.raises(ValueError, match="shape"):  # shape checks stay: they are free
+        trusting.update_indexed(idx, torch.randn(3), y)

@@ -74,6 +74,10 @@ class Scorer(abc.ABC):
             (``num_skipped``; ``compute()`` warns) — for fp16 runs whose GradScaler skips
             overflowing steps.
         layout: where ``update(batch, logits)`` finds index and target in a batch.
+        validate: check that indices lie in ``[0, num_examples)`` and targets in ``[0, C)``
+            before anything changes. Free for CPU tensors (what a DataLoader yields); for CUDA
+            tensors each check is a host sync, so a GPU loop that wants no sync at all passes
+            ``validate=False`` (trusting its input) together with ``nonfinite="skip"``.
         process_group: the ``torch.distributed`` group whose ranks share the scores (default:
             the world when initialised). ``compute()`` is then a collective: call it on every
             rank; each rank gets the full vector a single process would have computed.
@@ -95,6 +99,7 @@ class Scorer(abc.ABC):
         device: torch.device | str | None = None,
         nonfinite: NonFinite = "raise",
         layout: BatchLayout | None = None,
+        validate: bool = True,
         process_group: Any = None,
     ) -> None:
         self.num_examples = check_num_examples(num_examples)
@@ -106,6 +111,7 @@ class Scorer(abc.ABC):
             )
         self.nonfinite: NonFinite = nonfinite
         self.layout = layout or BatchLayout()
+        self.validate = bool(validate)
         self.process_group = process_group
         self._device_fixed = device is not None
         self._device = torch.device(device) if device is not None else torch.device("cpu")
@@ -241,10 +247,10 @@ class Scorer(abc.ABC):
                 f"Expected one index, one logits row and one target per example, but got "
                 f"{indices.shape[0]} indices, {batch} logits rows and {targets.shape[0]} targets."
             )
-        check_range(indices, 0, self.num_examples, "indices", f"num_examples={self.num_examples}")
-        check_range(
-            targets, 0, logits.shape[1], "targets", f"logits have {logits.shape[1]} classes"
-        )
+        if self.validate:
+            n, classes = self.num_examples, logits.shape[1]
+            check_range(indices, 0, n, "indices", f"num_examples={n}")
+            check_range(targets, 0, classes, "targets", f"logits have {classes} classes")
         logits = logits.detach()
         if self.nonfinite == "raise" and not bool(finite_rows(logits).all()):
             rows = int((~finite_rows(logits)).sum())

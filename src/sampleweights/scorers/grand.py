@@ -97,7 +97,7 @@ class GraNd(RunningMeanScorer):
         mode: ``"eval"`` (default) or ``"train"``; train mode with BatchNorm is an error (batch
             statistics couple the examples: there is no per-example gradient).
         chunk_size: examples per ``vmap`` call (default: ~512 MiB of gradients).
-        device, nonfinite, layout: see :class:`~sampleweights.Scorer`.
+        device, nonfinite, layout, validate, process_group: see :class:`~sampleweights.Scorer`.
 
     State: 12 bytes per example (fp64 sum, int32 count).
 
@@ -129,8 +129,17 @@ class GraNd(RunningMeanScorer):
         device: torch.device | str | None = None,
         nonfinite: NonFinite = "raise",
         layout: BatchLayout | None = None,
+        validate: bool = True,
+        process_group: Any = None,
     ) -> None:
-        super().__init__(num_examples, device=device, nonfinite=nonfinite, layout=layout)
+        super().__init__(
+            num_examples,
+            device=device,
+            nonfinite=nonfinite,
+            layout=layout,
+            validate=validate,
+            process_group=process_group,
+        )
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}."
@@ -247,9 +256,11 @@ class GraNd(RunningMeanScorer):
                 f"Expected one index per target, but got {indices.shape[0]} indices and "
                 f"{targets.shape[0]} targets."
             )
-        check_range(indices, 0, self.num_examples, "indices", f"num_examples={self.num_examples}")
-        if targets.numel() and int(targets.min()) < 0:
-            raise ValueError(f"Expected `targets` ≥ 0, but got {int(targets.min())}.")
+        if self.validate:
+            n = self.num_examples
+            check_range(indices, 0, n, "indices", f"num_examples={n}")
+            if targets.numel() and int(targets.min()) < 0:
+                raise ValueError(f"Expected `targets` ≥ 0, but got {int(targets.min())}.")
         sq = self._sq_norms(batch, targets, forward)
         if sq.shape != (indices.shape[0],):
             raise ValueError(
