@@ -214,3 +214,32 @@ def test_validate_false_skips_the_range_checks_only(scorer_cls, monkeypatch):
     torch.testing.assert_close(trusting.compute(), checked.compute(), equal_nan=True)
     with pytest.raises(ValueError, match="shape"):  # shape checks stay: they are free
         trusting.update_indexed(idx, torch.randn(3), y)
+
+
+class _Staged:
+    """Stands in for a pinned device→host copy in flight (the CUDA path, HostStaging)."""
+
+    def __init__(self, indices, values, step):
+        self.args = (indices, values, None, step)
+
+    def wait(self):
+        return self.args
+
+
+def test_a_batch_in_flight_is_applied_before_results_and_dropped_on_reset_or_load():
+    s, ref = sw.Misclassified(4), sw.Misclassified(4)
+    right, wrong = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    s.update_indexed(torch.tensor([2]), right, torch.tensor([0]))
+    ref.update_indexed(torch.tensor([2]), right, torch.tensor([0]))
+    ref.update_indexed(torch.tensor([2]), wrong, torch.tensor([0]))
+    # update 2 of example 2 (wrong) still on its way to host memory
+    s._staging = _Staged(torch.tensor([2]), torch.tensor([True]), step=2)
+    s.num_updates = 2
+    assert torch.equal(s.state_dict()["state"]["step"], ref.state_dict()["state"]["step"])
+    torch.testing.assert_close(s.compute(), ref.compute(), equal_nan=True)
+    s._staging = _Staged(torch.tensor([0]), torch.tensor([True]), step=3)
+    s.load_state_dict(ref.state_dict())  # the in-flight batch belonged to the replaced state
+    torch.testing.assert_close(s.compute(), ref.compute(), equal_nan=True)
+    s._staging = _Staged(torch.tensor([0]), torch.tensor([True]), step=3)
+    s.reset()
+    assert s.compute().isnan().all()

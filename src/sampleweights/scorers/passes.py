@@ -68,7 +68,8 @@ def score_dataset(
 
     Call ``compute()`` on the scorers for the scores. Under ``torch.distributed`` give each rank
     its shard (e.g. ``PrunedSampler(range(N), shuffle=False, pad=False)``) and call
-    ``compute()`` on every rank.
+    ``compute()`` on every rank. ``ForgettingTracker`` exchanges every update across ranks, so
+    with it every rank must see the same number of batches (``pad=True``, the default).
 
     Args:
         model: the model (a DDP/DataParallel wrapper is unwrapped: no gradient sync happens).
