@@ -248,8 +248,8 @@ class Scorer(abc.ABC):
                 f"{indices.shape[0]} indices, {batch} logits rows and {targets.shape[0]} targets."
             )
         if self.validate:
-            n, classes = self.num_examples, logits.shape[1]
-            check_range(indices, 0, n, "indices", f"num_examples={n}")
+            classes = logits.shape[1]
+            self._check_indices(indices)
             check_range(targets, 0, classes, "targets", f"logits have {classes} classes")
         logits = logits.detach()
         if self.nonfinite == "raise" and not bool(finite_rows(logits).all()):
@@ -260,6 +260,11 @@ class Scorer(abc.ABC):
                 "that GradScaler skips)."
             )
         return indices, logits, targets
+
+    def _check_indices(self, indices: Tensor) -> None:
+        """Dataset indices must lie in ``[0, num_examples)`` (a host sync for CUDA tensors)."""
+        n = self.num_examples
+        check_range(indices, 0, n, "indices", f"num_examples={n}")
 
     def _claim_device(self, device: torch.device) -> torch.device:
         """The state's device; the first update moves the state to ``device`` unless fixed."""

@@ -27,7 +27,7 @@ from sampleweights.data import (
 from sampleweights.pergrad import BatchCoupledError, LossFn, hooks_sq_norms, vmap_sq_norms
 from sampleweights.scorers.base import NonFinite, RunningMeanScorer
 from sampleweights.scorers.passes import eval_mode, unwrap_model
-from sampleweights.validation import as_index_tensor, check_range
+from sampleweights.validation import as_index_tensor
 
 __all__ = ["Engine", "GraNd", "Mode"]
 
@@ -257,8 +257,7 @@ class GraNd(RunningMeanScorer):
                 f"{targets.shape[0]} targets."
             )
         if self.validate:
-            n = self.num_examples
-            check_range(indices, 0, n, "indices", f"num_examples={n}")
+            self._check_indices(indices)
             if targets.numel() and int(targets.min()) < 0:
                 raise ValueError(f"Expected `targets` ≥ 0, but got {int(targets.min())}.")
         sq = self._sq_norms(batch, targets, forward)
