@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from sampleweights.pergrad.rules import Rule, find_rule
-from sampleweights.pergrad.vmap import LossFn, vmap_sq_norms
+from sampleweights.pergrad.exact import exact_sq_norms
+from sampleweights.pergrad.vmap import LossFn
 
 __all__ = ["UnsupportedLayerError", "hooks_sq_norms"]
 
@@ -201,7 +202,7 @@ def hooks_sq_norms(
                 f"{_describe(model, rest)}. Use engine='auto' (they go through the vmap "
                 "engine), or register a rule with sampleweights.pergrad.register_rule."
             )
-        sq += vmap_sq_norms(model, rest, batch, targets, forward, loss_fn, chunk_size).to(dtype)
+        sq += exact_sq_norms(model, rest, batch, targets, forward, loss_fn, chunk_size).to(dtype)
     return sq
 
 
