@@ -3,7 +3,9 @@
 Two gloo processes on CPU, one thread each. Each rank trains a DDP-wrapped MLP (40→256→256→10)
 on batches of 256 for 600 steps, interleaving three variants and reporting per-step medians: the
 step alone; the step + EL2N.update (no communication: merged at compute()); the step +
-ForgettingTracker.update (two small all-gathers per step).
+ForgettingTracker.update (a 48-byte header all-gather, then the packed pairs). It also counts
+the bytes each rank hands to ``all_gather`` in ForgettingTracker's exchanges: bytes on the wire
+per example per update (each rank's buffer goes to every other rank).
 
 Run: python benchmarks/ddp_exchange.py
 """
@@ -55,9 +57,33 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
             scorer.update_indexed(idx, logits, y)
         samples[name].append(time.perf_counter() - start)
     results = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in samples.items()}
+    results["wire"] = _wire_bytes()
     if rank == 0:
         queue.put(results)
     dist.destroy_process_group()
+
+
+def _wire_bytes() -> dict[str, float]:
+    """Bytes this rank hands to all_gather per ForgettingTracker.update, split header / data."""
+    import sampleweights.distributed as swd
+
+    sent: list[int] = []
+    real = swd.dist.all_gather
+
+    def spy(parts, tensor, group=None):  # type: ignore[no-untyped-def]
+        sent.append(tensor.numel() * tensor.element_size())
+        return real(parts, tensor, group=group)
+
+    swd.dist.all_gather = spy
+    try:
+        tracker = sw.ForgettingTracker(N)
+        tracker.update_indexed(
+            torch.arange(BATCH), torch.randn(BATCH, 10), torch.zeros(BATCH, dtype=torch.long)
+        )
+    finally:
+        swd.dist.all_gather = real
+    header, data = sent
+    return {"header": float(header), "per_example": data / BATCH}
 
 
 def main() -> None:
@@ -72,10 +98,15 @@ def main() -> None:
     results = queue.get()
     for p in procs:
         p.join()
+    wire = results.pop("wire")
     base = results["step"]
     print(f"{'per step (ms), 2 gloo ranks':<34}{'ms':>8}{'× step':>9}")
     for name, ms in results.items():
         print(f"{name:<34}{ms:>8.3f}{ms / base:>9.3f}")
+    print(
+        f"forgetting exchange: {wire['per_example']:.1f} bytes per example per update "
+        f"+ a {wire['header']:.0f}-byte header per rank (batch {BATCH}, N = {N})"
+    )
     sys.stdout.flush()
 
 

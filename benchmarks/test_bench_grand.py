@@ -1,7 +1,9 @@
 """GraNd engines against the floor and the alternatives, ratios within one run (one thread).
 
 floor: one ordinary forward + backward of the mean loss on the batch (what a training step costs);
-hooks: our hook engine; vmap / vmap-chunk32: ``torch.func`` vmap(grad) unchunked and chunked;
+hooks: our hook engine (probe verdicts cached: every batch after the first of its shape);
+hooks-first: the first batch of a shape, which also runs the layout probe (two more passes);
+vmap / vmap-chunk32: ``torch.func`` vmap(grad) unchunked and chunked;
 loop: one example at a time (only on the MLP — it is 50–500× slower elsewhere).
 
 Run: python -m pytest benchmarks/test_bench_grand.py --benchmark-enable \
@@ -17,6 +19,7 @@ from models import TinyTransformer, cnn32, mlp_256, resnet18_gn
 from torch import nn
 
 import sampleweights as sw
+from sampleweights.pergrad import hooks
 
 CASES = {
     "mlp-b512": (mlp_256, lambda: torch.randn(512, 40), 10),
@@ -52,7 +55,7 @@ def one_example_loop(model, x, y):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("what", ["floor", "hooks", "vmap-chunk32", "vmap", "loop"])
+@pytest.mark.parametrize("what", ["floor", "hooks", "hooks-first", "vmap-chunk32", "vmap", "loop"])
 def test_grand(benchmark, name, what):
     if what == "loop" and name != "mlp-b512":
         pytest.skip("the one-example loop is only timed on the MLP")
@@ -65,6 +68,16 @@ def test_grand(benchmark, name, what):
         fn = lambda: floor_step(model, x, y)  # noqa: E731
     elif what == "loop":
         fn = lambda: one_example_loop(model, x, y)  # noqa: E731
+    elif what == "hooks-first":
+        scorer = sw.GraNd(model, len(y), engine="hooks")
+        idx = torch.arange(len(y))
+        benchmark.pedantic(
+            lambda: scorer.update_indexed(idx, x, y),
+            setup=hooks._PROBED.clear,  # forget the verdicts: every round is a first batch
+            rounds=rounds,
+            warmup_rounds=1,
+        )
+        return
     else:
         engine = "vmap" if what.startswith("vmap") else "hooks"
         chunk = 32 if what == "vmap-chunk32" else len(y)

@@ -35,7 +35,7 @@ def test_select_10m(benchmark, scores, what):
 
         def fn():
             keep = sw.select(scores, 0.5, strategy)
-            return sw.PrunedSampler(keep)._epoch_order()
+            return sw.PrunedSampler(keep)._epoch_order(0, 1, 0)  # (epoch, num_replicas, rank)
 
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
 
@@ -56,4 +56,5 @@ def test_iteration_per_item(benchmark, what):
         for _ in sampler:
             pass
 
-    benchmark.pedantic(consume, rounds=3, warmup_rounds=1)
+    # 7 rounds: on a shared machine compare the minima (the least-disturbed round)
+    benchmark.pedantic(consume, rounds=7, warmup_rounds=1)

@@ -2,7 +2,16 @@
 
 Liu et al. (ICML 2021): train ERM for T epochs, take the training examples it misclassifies (the
 error set), and retrain from scratch with the error set upsampled λ times — no group labels used
-in training. This script builds the benchmark, then compares, over several seeds:
+in training.
+
+What ``λ`` means here: ``sw.JTTSampler(errors, n, upweight=λ)`` shows each error example **λ times
+in total** per epoch (the others once), which is the paper's λ_up. The authors' released code
+appends the error set λ more times to the full training set, so its examples are seen 1 + λ
+times: their ``run_expt.py --up_weight k`` is ``upweight=k + 1`` here (and
+``sw.jtt_weights(errors, n, k + 1)`` for the loss-weight variant). ``--lambda-grid`` takes our
+convention.
+
+This script builds the benchmark, then compares, over several seeds:
 
 * ERM;
 * JTT by upsampling (``Misclassified`` error set + ``JTTSampler``);
@@ -14,7 +23,10 @@ positions of the signal. In training, ``a = y`` for ``--agree`` (95%) of the exa
 validation and test ``a`` is independent of ``y``. The four groups ``(y, a)`` are used only for
 validation (choosing T and λ by worst-group accuracy, as JTT does), testing and the oracle.
 
-Run: python examples/jtt.py            (defaults: a few minutes on 2 CPU cores)
+Like ``data_diet.py`` it trains on one thread per process (``--threads``): faster for these tiny
+models, and on a machine other jobs share.
+
+Run: python examples/jtt.py            (defaults: see docs/results.md for the measured time)
      python examples/jtt.py --smoke    (seconds; what the tests run)
 """
 
@@ -35,7 +47,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import sampleweights as sw
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_diet import load_mnist1d, tqdm  # the same offline data and progress bars
+from data_diet import load_mnist1d, threads, tqdm  # the same offline data, threads and bars
 
 
 def make_split(x: np.ndarray, digits: np.ndarray, agree: float, bump: float, rng) -> dict:
@@ -67,14 +79,16 @@ def make_model(channels: int = 16) -> nn.Module:
     )  # fmt: skip
 
 
-def train(split, epochs, seed, args, *, sampler=None, reweighter=None) -> nn.Module:
+def train(
+    split, epochs, seed, args, *, sampler=None, reweighter=None, desc="training"
+) -> nn.Module:
     """An ordinary loop: the sampler or the per-example loss weights are the only changes."""
     torch.manual_seed(seed)
     model = make_model()
     ds = sw.WithIndex(TensorDataset(split["x"], split["y"]))
     loader = DataLoader(ds, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    for epoch in range(epochs):
+    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", leave=False, position=1):
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
@@ -112,13 +126,15 @@ def error_set(model, split) -> torch.Tensor:
 def jtt_run(splits, t, lam, seed, args, variant):
     train_split = splits["train"]
     n = len(train_split["y"])
-    errors = error_set(train(train_split, t, seed, args), train_split)
+    errors = error_set(train(train_split, t, seed, args, desc=f"ERM T={t}"), train_split)
+    desc = f"JTT {variant} T={t} λ={lam} seed {seed}"
     if variant == "upsample":
+        # λ appearances of each error example in total (the authors' code: upweight = k + 1)
         sampler = sw.JTTSampler(errors, n, lam, seed=seed)
-        return train(train_split, args.epochs, seed, args, sampler=sampler), len(errors)
-    weights = sw.jtt_weights(errors, n, float(lam))
+        return train(train_split, args.epochs, seed, args, sampler=sampler, desc=desc), len(errors)
+    weights = sw.jtt_weights(errors, n, float(lam))  # the same λ, as loss weights
     rw = sw.LossReweighter(weights)
-    return train(train_split, args.epochs, seed, args, reweighter=rw), len(errors)
+    return train(train_split, args.epochs, seed, args, reweighter=rw, desc=desc), len(errors)
 
 
 def run(args) -> dict:
@@ -204,12 +220,19 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--bump", type=float, default=2.0, help="size of the spurious bump")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--t-grid", type=int, nargs="+", default=[1, 2, 5])
-    p.add_argument("--lambda-grid", type=int, nargs="+", default=[5, 20, 50])
+    p.add_argument(
+        "--lambda-grid",
+        type=int,
+        nargs="+",
+        default=[5, 20, 50],
+        help="λ: times each error example is seen per epoch in total (authors' code: k → k + 1)",
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--out", default="runs/jtt")
     p.add_argument("--data-dir", default="examples/data")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: tiny models)")
     p.add_argument("--smoke", action="store_true", help="a tiny run for the tests (seconds)")
     args = p.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -221,7 +244,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    results = run(args)
+    with threads(args.threads):
+        results = run(args)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=1))

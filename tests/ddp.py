@@ -7,6 +7,7 @@ import pickle
 import socket
 import tempfile
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], out: str, args: tuple) -> None:
+def _entry(
+    rank: int,
+    world: int,
+    port: int,
+    fn: Callable[..., Any],
+    out: str,
+    args: tuple,
+    timeout: float | None = None,
+) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    kwargs = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+    dist.init_process_group("gloo", rank=rank, world_size=world, **kwargs)
     try:
         result = fn(rank, world, *args)
         Path(out, f"{rank}.pkl").write_bytes(pickle.dumps(result))
@@ -31,15 +41,19 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], out: str, a
         dist.destroy_process_group()
 
 
-def run_ddp(fn: Callable[..., Any], *args: Any, world: int = 2) -> list[Any]:
+def run_ddp(
+    fn: Callable[..., Any], *args: Any, world: int = 2, timeout: float | None = None
+) -> list[Any]:
     """``fn(rank, world, *args)`` on ``world`` processes; returns each rank's result in order.
 
     ``fn`` must be importable (defined at module level in a test file or helper module).
+    ``timeout``: seconds a collective may wait before it fails (the process group's timeout;
+    default torch's 30 minutes) — set it short in tests of a failure path, so a hang is bounded.
     """
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(
             _entry,
-            args=(world, _free_port(), fn, out, args),
+            args=(world, _free_port(), fn, out, args, timeout),
             nprocs=world,
             join=True,
             start_method="spawn",

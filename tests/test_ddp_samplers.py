@@ -36,3 +36,30 @@ def test_shards_cover_the_selection_across_two_processes(kind):
     union = Counter(parts[0] + parts[1])
     assert not want - union
     assert sum((union - want).values()) == sum(want.values()) % 2
+
+
+def _iterate_prebuilt(rank, world, samplers):
+    # the samplers were built in the parent process, before any process group existed
+    out = []
+    for s in samplers:
+        s.set_epoch(2)
+        out.append((s.num_replicas, s.rank, len(s), list(s), s.state_dict().get("rank")))
+    return out
+
+
+def test_a_sampler_built_before_init_process_group_shards_once_the_group_exists():
+    assert not torch.distributed.is_initialized()
+    prebuilt = sw.JTTSampler([1, 4, 7], 21, 5, seed=3)
+    assert (prebuilt.num_replicas, prebuilt.rank, len(prebuilt)) == (1, 0, 33)
+    pinned = sw.PrunedSampler(range(9), seed=3, num_replicas=1, rank=0)  # explicit: never resolved
+    results = run_ddp(_iterate_prebuilt, [prebuilt, pinned])
+    reference = sw.JTTSampler([1, 4, 7], 21, 5, seed=3, num_replicas=1, rank=0)
+    reference.set_epoch(2)
+    whole = list(reference)
+    for rank, ((replicas, r, length, part, saved_rank), pinned_result) in enumerate(results):
+        assert (replicas, r, saved_rank) == (2, rank, rank)
+        assert length == len(part) == 17  # len() agrees with what iter() yields: ceil(33 / 2)
+        assert part == (whole + whole[:1])[rank::2]
+        assert pinned_result[:3] == (1, 0, 9) and sorted(pinned_result[3]) == list(range(9))
+    # back outside the group, the same sampler is whole again
+    assert (prebuilt.num_replicas, len(prebuilt), len(list(prebuilt))) == (1, 33, 33)

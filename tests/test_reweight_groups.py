@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,44 @@ def test_every_permutation_of_a_small_dataset_gives_same_weighted_epoch_loss():
         for p in itertools.permutations(range(3))
     }
     assert len(values) == 1
+
+
+def test_weights_are_copied_so_the_normaliser_never_goes_stale():
+    loss, idx = torch.tensor([0.2, 0.4, 0.6, 0.8]), torch.arange(4)
+    w = torch.tensor([1.0, 1.0, 1.0, 3.0])  # mean 1.5
+    rw = sw.LossReweighter(w)
+    before = rw(loss, idx)
+    w[3] = 1.0  # the caller edits its own tensor in place
+    torch.testing.assert_close(rw(loss, idx), before)
+    array = np.array([1.0, 1.0, 1.0, 3.0], dtype=np.float32)  # from_numpy shares memory
+    rw = sw.LossReweighter(array)
+    array[:] = 1.0
+    torch.testing.assert_close(rw(loss, idx), before)
+    rw.weights[3] = 100.0  # the attribute is a copy too
+    torch.testing.assert_close(rw(loss, idx), before)
+    # equal weights edited in place give the plain mean only through a new reweighter
+    torch.testing.assert_close(sw.LossReweighter(w)(loss, idx), loss.mean())
+
+
+@pytest.mark.parametrize("normalize", ["mean", "batch", "weights"])
+def test_sync_batch_without_a_process_group_is_the_plain_loss(normalize):
+    w, loss, idx = torch.rand(6) + 0.5, torch.rand(4), torch.tensor([5, 0, 2, 2])
+    plain = sw.LossReweighter(w, normalize)(loss, idx)
+    synced = sw.LossReweighter(w, normalize, sync_batch=True)
+    torch.testing.assert_close(synced(loss, idx), plain)
+    assert "sync_batch=True" in repr(synced)
+
+
+def test_reweighter_argument_types():
+    with pytest.raises(TypeError, match="sync_batch"):
+        sw.LossReweighter(torch.ones(3), sync_batch=1)
+    with pytest.raises(TypeError, match=r"per_example_loss.*float"):
+        sw.LossReweighter(torch.ones(3))(torch.tensor([1, 2]), torch.tensor([0, 1]))
+
+
+def test_jtt_upweight_is_the_papers_total_count_and_the_authors_code_adds_one():
+    # the authors' code: ConcatDataset([train, Subset(train, errors * up_weight)])
+    n, errors, up_weight = 6, [1, 4], 3
+    concat = list(range(n)) + errors * up_weight
+    seen = torch.bincount(torch.tensor(concat), minlength=n).float()
+    torch.testing.assert_close(sw.jtt_weights(errors, n, upweight=up_weight + 1), seen)

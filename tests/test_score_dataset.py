@@ -91,7 +91,7 @@ def test_custom_forward_for_multi_input_batches():
     base = data(9)
     ds = sw.WithIndex(TensorDataset(base.tensors[0], base.tensors[0] * 2, base.tensors[1]))
     model = nn.Linear(4, 3)
-    s = sw.EL2N(len(ds))
+    s = sw.EL2N(len(ds), layout=sw.BatchLayout(target_pos=2))  # (x1, x2, y, index)
     sw.score_dataset(
         model, DataLoader(ds, batch_size=4), s, forward=lambda m, b: m(b[0] + b[1]), progress=False
     )

@@ -181,7 +181,7 @@ def test_cuda_state_lives_on_the_device_of_updates(scorer_cls):
 
 def test_bytes_per_example_are_documented_figures():
     assert sw.EL2N(1).state_bytes_per_example == 12
-    assert sw.ForgettingTracker(1).state_bytes_per_example == 13
+    assert sw.ForgettingTracker(1).state_bytes_per_example == 18
     assert sw.Misclassified(1).state_bytes_per_example == 5
 
 
@@ -243,3 +243,105 @@ def test_a_batch_in_flight_is_applied_before_results_and_dropped_on_reset_or_loa
     s._staging = _Staged(torch.tensor([0]), torch.tensor([True]), step=3)
     s.reset()
     assert s.compute().isnan().all()
+
+
+BAD_STATES = [
+    # (change to a valid state_dict, message fragment)
+    (lambda sd: sd["state"].__setitem__("count", -sd["state"]["count"] - 1), "negative"),
+    (lambda sd: sd["state"].__setitem__("count", sd["state"]["count"].double()), "dtype"),
+    (lambda sd: sd.__setitem__("num_updates", 1.0), "num_updates"),
+    (lambda sd: sd.__setitem__("num_updates", True), "num_updates"),
+    (lambda sd: sd.__setitem__("num_updates", -1), "num_updates"),
+    (lambda sd: sd.__setitem__("num_skipped", torch.tensor(-2)), "num_skipped"),
+    (lambda sd: sd.__setitem__("run_updates", 9), "run_updates"),
+    (lambda sd: sd.__setitem__("num_runs", 0), "num_runs"),
+    (lambda sd: sd.update(world_size=2, rank=1), "rank 1 of a process group of 2"),
+    (lambda sd: sd.update(world_size="2"), "world_size"),
+]
+
+
+@pytest.mark.parametrize(("corrupt", "match"), BAD_STATES)
+def test_load_state_dict_validates_everything_before_changing_anything(corrupt, match):
+    source = sw.EL2N(6)
+    source.update_indexed([0, 1, 2], torch.randn(3, 4), [0, 1, 3])
+    sd = source.state_dict()
+    corrupt(sd)
+    target = warmed(sw.EL2N)
+    before = snapshot(target)
+    with pytest.raises(sw.StateMismatchError, match=match):
+        target.load_state_dict(sd)
+    assert_same_state(snapshot(target), before)
+
+
+def test_forgetting_and_misclassified_states_are_checked_for_consistency():
+    t = warmed(sw.ForgettingTracker)
+    sd = t.state_dict()
+    sd["state"]["runs_unlearned"][0] = 1  # unlearned in a run it never saw
+    with pytest.raises(sw.StateMismatchError, match="runs_unlearned"):
+        sw.ForgettingTracker(6).load_state_dict(sd)
+    m = warmed(sw.Misclassified)
+    sd = m.state_dict()
+    sd["state"]["step"][0] = 5
+    with pytest.raises(sw.StateMismatchError, match="num_updates=1"):
+        sw.Misclassified(6).load_state_dict(sd)
+    # replicated state (forgetting) is the same on every rank: any rank may load it
+    sd = t.state_dict()
+    sd.update(world_size=2, rank=1)
+    sw.ForgettingTracker(6).load_state_dict(sd)
+
+
+def test_new_run_round_trips_through_state_dict_and_reset(scorer_cls):
+    s = warmed(scorer_cls)
+    s.new_run()
+    s.update_indexed([3], torch.randn(1, 4), [1])
+    sd = s.state_dict()
+    assert (sd["num_runs"], sd["run_updates"], sd["num_updates"]) == (2, 1, 2)
+    t = scorer_cls(6)
+    t.load_state_dict(sd)
+    assert t.num_runs == 2
+    torch.testing.assert_close(t.compute(), s.compute(), equal_nan=True)
+    assert torch.equal(t.compute(local=True).nan_to_num(-1), s.compute().nan_to_num(-1))
+    t.reset()
+    assert t.num_runs == 0 and t.state_dict()["run_updates"] == 0
+
+
+# -- probabilities passed as logits ----------------------------------------------------------------
+@pytest.mark.parametrize("cls", [sw.EL2N, sw.Misclassified, sw.ForgettingTracker])
+def test_probabilities_for_logits_warn_once_per_scorer(cls):
+    import warnings
+
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    idx, y = torch.arange(6), torch.tensor([0, 1, 2, 3, 0, 1])
+    s = cls(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.update_indexed(idx, logits, y)  # raw logits: silent
+    with pytest.warns(RuntimeWarning, match=rf"{cls.__name__}.*probabilities.*before softmax"):
+        s.update_indexed(idx, logits.softmax(1), y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.update_indexed(idx, logits.softmax(1), y)  # once per scorer
+        cls(6).update_indexed(idx, logits.log_softmax(1), y)  # log-probabilities are logits
+    assert s.num_updates == 3
+
+
+def test_probability_check_runs_only_with_validate(monkeypatch):
+    import warnings
+
+    import sampleweights.scorers.base as base
+
+    calls = []
+
+    def spy(logits):
+        calls.append(logits.shape)
+        return False
+
+    monkeypatch.setattr(base, "looks_like_probabilities", spy)
+    probs = torch.full((3, 2), 0.5)
+    trusting = sw.EL2N(3, validate=False, nonfinite="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trusting.update_indexed(torch.arange(3), probs, torch.zeros(3, dtype=torch.int64))
+    assert calls == []  # no check, so no host sync on CUDA
+    sw.EL2N(3).update_indexed(torch.arange(3), probs, torch.zeros(3, dtype=torch.int64))
+    assert calls == [(3, 2)]

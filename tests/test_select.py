@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ccs_reference
 import sampleweights as sw
 
 
@@ -60,24 +61,11 @@ def test_random_is_uniform_over_the_pool():
     assert all(abs(c / 2000 - 0.3) < 0.05 for c in counts.values())
 
 
-def reference_stratified_counts(scores, k, bins):
-    """Per-bin counts of CCS: equal-width bins, water-filling from the smallest bin up."""
-    finite = [s for s in scores if math.isfinite(s)] or [0.0]
-    lo, hi = min(finite), max(finite)
-    width = (hi - lo) / bins
-    sizes = Counter()
-    for s in scores:
-        if math.isinf(s):
-            sizes["inf"] += 1
-        else:
-            sizes[min(int((s - lo) / width), bins - 1) if width > 0 else 0] += 1
-    want, left = {}, k
-    # equal sizes: the lower-score bin first (+inf last), so ties favour harder bins
-    ordered = sorted(sizes, key=lambda b: (sizes[b], bins if b == "inf" else b))
-    for i, b in enumerate(ordered):
-        want[b] = min(sizes[b], left // (len(ordered) - i))
-        left -= want[b]
-    return want, lo, width
+def ccs_strata_counts(chosen, strata):
+    """How many of ``chosen`` fall in each of CCS's strata (lists of dataset indices)."""
+    where = {i: b for b, members in enumerate(strata) for i in members.tolist()}
+    got = Counter(where[i] for i in chosen.tolist())
+    return {b: c for b, c in got.items() if c}
 
 
 @settings(max_examples=60, deadline=None)
@@ -85,24 +73,26 @@ def reference_stratified_counts(scores, k, bins):
     n=st.integers(5, 200),
     frac=st.floats(0.05, 1.0),
     bins=st.integers(1, 12),
-    infs=st.integers(0, 5),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 1000),
 )
-def test_stratified_matches_reference_bin_counts(n, frac, bins, infs, seed):
+def test_stratified_counts_equal_the_ccs_code(n, frac, bins, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    scores = torch.rand(n, generator=gen, dtype=torch.float64) ** 3  # skewed, like EL2N
-    scores[:infs] = math.inf
-    k = max(1, round(frac * n))
+    scores = (torch.rand(n, generator=gen, dtype=torch.float64) ** 3).to(dtype)  # skewed
+    if seed % 2:  # values on a grid: many sit exactly on strata edges, many strata tie in size
+        scores = (torch.randint(0, 4 * bins + 1, (n,), generator=gen) / (4 * bins)).to(dtype)
+    k = max(1, int(frac * n))
     chosen = sw.select(scores, k, "stratified", bins=bins, seed=seed)
     assert len(chosen) == k == len(set(chosen.tolist()))
-    want, lo, width = reference_stratified_counts(scores.tolist(), k, bins)
-    got = Counter()
-    for i in chosen.tolist():
-        s = float(scores[i])
-        got[
-            "inf" if math.isinf(s) else (min(int((s - lo) / width), bins - 1) if width > 0 else 0)
-        ] += 1
-    assert {b: c for b, c in got.items() if c} == {b: c for b, c in want.items() if c}
+    _, budgets, strata = ccs_reference.stratified_sampling({"s": scores}, "s", k, stratas=bins)
+    assert ccs_strata_counts(chosen, strata) == {b: int(c) for b, c in enumerate(budgets) if c}
+
+
+def test_stratified_inf_is_a_stratum_of_its_own():
+    scores = torch.cat([torch.full((3,), math.inf), torch.rand(97, dtype=torch.float64)])
+    chosen = sw.select(scores, 40, "stratified", bins=4, seed=1).tolist()
+    assert {0, 1, 2} <= set(chosen)  # the smallest stratum is taken whole first
+    assert len(chosen) == 40
 
 
 @settings(max_examples=60, deadline=None)
@@ -162,3 +152,74 @@ def test_scores_must_be_float_vectors():
         sw.select(torch.arange(5), 2)
     with pytest.raises(ValueError, match="scores"):
         sw.select(torch.zeros(2, 3), 2)
+
+
+# -- CCS: a hard cut-off on a second score, then strata (Zheng et al. 2023) ------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(20, 300),
+    keep_frac=st.floats(0.05, 0.6),
+    cut_frac=st.floats(0.0, 0.35),
+    bins=st.sampled_from([1, 5, 50]),
+    seed=st.integers(0, 1000),
+)
+def test_ccs_cutoff_then_strata_equal_the_ccs_code(n, keep_frac, cut_frac, bins, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(n, generator=gen) ** 2  # float32, as CCS's score files
+    aum = torch.randperm(n, generator=gen).float() - n / 3  # distinct: a well-defined cut
+    k, cut = max(1, int(keep_frac * n)), int(cut_frac * n)
+    chosen = sw.select(
+        scores, k, "stratified", bins=bins, seed=seed, cutoff_scores=-aum, cutoff=cut
+    )
+    _, budgets, strata, removed = ccs_reference.ccs(scores, aum, k, cut, stratas=bins)
+    assert not set(chosen.tolist()) & set(removed.tolist())
+    assert ccs_strata_counts(chosen, strata) == {b: int(c) for b, c in enumerate(budgets) if c}
+    # keeping everything that survives the cut-off shows the cut set is exactly CCS's
+    every = sw.select(
+        scores, n - cut, "stratified", bins=bins, seed=seed, cutoff_scores=-aum, cutoff=cut
+    )
+    assert set(every.tolist()) == set(range(n)) - set(removed.tolist())
+
+
+def test_cutoff_applies_to_every_strategy_and_before_offset():
+    scores = torch.arange(10, dtype=torch.float64)  # 9 is the hardest
+    other = torch.zeros(10, dtype=torch.float64)
+    other[9] = 1.0  # the cut-off score marks 9 as the one to remove
+    assert sw.select(scores, 2, cutoff_scores=other, cutoff=1).tolist() == [7, 8]
+    assert sw.select(scores, 2, cutoff_scores=other, cutoff=1, offset=1).tolist() == [6, 7]
+    assert sw.select(scores, 2, "easiest", cutoff_scores=other, cutoff=0.1).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"cutoff": 2}, ValueError, "needs `cutoff_scores`"),
+        ({"cutoff": 1, "cutoff_scores": torch.zeros(3)}, ValueError, "shape"),
+        ({"cutoff": 1, "cutoff_scores": torch.full((10,), math.nan)}, ValueError, "NaN"),
+        ({"cutoff": True, "cutoff_scores": torch.zeros(10)}, TypeError, "`cutoff`"),
+        ({"cutoff": 1.5, "cutoff_scores": torch.zeros(10)}, ValueError, "`cutoff`"),
+        ({"cutoff": 8, "cutoff_scores": torch.zeros(10)}, ValueError, "at most 2 remain"),
+    ],
+)
+def test_cutoff_argument_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sw.select(torch.rand(10), 3, "stratified", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stratified_scores_spanning_the_whole_float_range(dtype):
+    """float32 scores over ±3e38: max − min overflows; the strata are still the right ones."""
+    big = torch.finfo(dtype).max / 1.2
+    gen = torch.Generator().manual_seed(0)
+    unit = torch.rand(500, generator=gen, dtype=torch.float64) * 2 - 1
+    unit[0], unit[1] = -1.0, 1.0
+    scores = (unit * big).to(dtype)
+    assert not torch.isfinite(scores.max() * 1.0001 - scores.min())  # the overflow is real
+    chosen = sw.select(scores, 100, "stratified", bins=10, seed=3)
+    assert len(set(chosen.tolist())) == 100
+    # the same strata as CCS's recipe on the scores divided by max |score|, in float64
+    scaled = scores.to(torch.float64) / scores.abs().max().to(torch.float64)
+    _, budgets, strata = ccs_reference.stratified_sampling({"s": scaled}, "s", 100, stratas=10)
+    assert ccs_strata_counts(chosen, strata) == {b: int(c) for b, c in enumerate(budgets) if c}

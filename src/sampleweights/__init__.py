@@ -19,19 +19,27 @@ Example:
 """
 
 from sampleweights.data import BatchLayout, WithIndex, default_forward, logits_of
+from sampleweights.distributed import DistributedMismatchError
 from sampleweights.errors import StateMismatchError
 from sampleweights.groups import group_accuracy, group_weighted_accuracy, worst_group_accuracy
 from sampleweights.persist import load_scores, save_scores
 from sampleweights.reweight import LossReweighter, Normalize, jtt_weights
 from sampleweights.samplers import JTTSampler, PrunedSampler, UpsampleSampler
 from sampleweights.scorers import (
+    AUM,
     EL2N,
+    Confidence,
+    DataMaps,
     Engine,
+    Entropy,
     ForgettingTracker,
     GraNd,
+    Loss,
+    Margin,
     Misclassified,
     NonFinite,
     Scorer,
+    ScorerCollection,
     el2n,
     eval_mode,
     score_dataset,
@@ -41,18 +49,26 @@ from sampleweights.select import Strategy, select
 __version__ = "0.1.0"
 
 __all__ = [
+    "AUM",
     "EL2N",
     "BatchLayout",
+    "Confidence",
+    "DataMaps",
+    "DistributedMismatchError",
     "Engine",
+    "Entropy",
     "ForgettingTracker",
     "GraNd",
     "JTTSampler",
+    "Loss",
     "LossReweighter",
+    "Margin",
     "Misclassified",
     "NonFinite",
     "Normalize",
     "PrunedSampler",
     "Scorer",
+    "ScorerCollection",
     "StateMismatchError",
     "Strategy",
     "UpsampleSampler",

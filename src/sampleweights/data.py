@@ -2,21 +2,24 @@
 
 Every scorer keys its state by *dataset index*, so the index of each example has to travel with
 the example through the user's DataLoader. :class:`WithIndex` appends it to each sample;
-:class:`BatchLayout` says where to find index, target and inputs in a collated batch, following
-DESIGN.md ("Batch layout"):
+:class:`BatchLayout` says where to find index, target and model input in a collated batch:
 
-* tuple samples: ``WithIndex`` appends the index, so batches read as ``(*inputs, target, index)``;
+* tuple samples: ``WithIndex`` appends the index. The default layout reads 3-element batches as
+  ``(input, target, index)``; longer batches, such as ``(x, y, group, index)``, must say where the
+  target is (``BatchLayout(target_pos=1)``): the default refuses them instead of guessing;
 * dict samples: the index goes under ``"index"``; the target is ``"target"``, ``"targets"``,
-  ``"label"`` or ``"labels"`` unless ``target_key`` names it;
+  ``"label"`` or ``"labels"`` unless ``target_key`` names it; the model gets the other keys;
 * a non-tuple, non-dict sample becomes ``(sample, index)``.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
@@ -46,7 +49,11 @@ class WithIndex(Dataset[Any], Generic[T_co]):
 
     ``ds[i]`` is ``(*dataset[i], i)`` for tuple (or list) samples, ``{**dataset[i], "index": i}``
     for dict samples and ``(dataset[i], i)`` for anything else. A DataLoader over it yields
-    batches that every scorer's ``update(batch, logits)`` reads without further configuration.
+    batches that every scorer's ``update(batch, logits)`` reads without further configuration for
+    ``(input, target)`` and dict samples. Samples with more fields, such as ``(x, y, group)``,
+    give batches ``(x, y, group, index)`` whose target position the scorer must be told:
+    ``layout=BatchLayout(target_pos=1)`` (plus ``input_pos=0`` where the library calls the model,
+    in ``score_dataset`` and ``GraNd``); the default layout refuses them rather than guess.
 
     Args:
         dataset: a map-style dataset (``__getitem__`` and ``__len__``).
@@ -56,6 +63,8 @@ class WithIndex(Dataset[Any], Generic[T_co]):
         TypeError: for an ``IterableDataset`` (it has no indices) or an object without
             ``__len__``/``__getitem__``.
         KeyError: when a dict sample already has ``index_key`` (never silently overwritten).
+        IndexError: ``ds[i]`` for an index outside ``[-len(ds), len(ds))`` (never wrapped by
+            the wrapped dataset into another example's position); TypeError for a non-integer.
 
     Example:
         >>> import torch
@@ -104,18 +113,31 @@ class WithIndex(Dataset[Any], Generic[T_co]):
             return {**sample, self.index_key: index}
         return (sample, index)
 
-    def _normalise(self, index: int) -> int:
-        index = int(index)
-        return index + len(self) if index < 0 else index
+    @staticmethod
+    def _normalise(index: Any, n: int) -> int:
+        """``index`` as a dataset position in ``[0, n)``: negatives count from the end; an index
+        outside the dataset is an IndexError, never wrapped around by the wrapped dataset."""
+        if isinstance(index, bool | np.bool_):
+            raise TypeError(f"Dataset indices must be integers, but got {index!r}.")
+        try:
+            position = operator.index(index)
+        except TypeError:
+            raise TypeError(
+                f"Dataset indices must be integers, but got {type(index).__name__} {index!r}."
+            ) from None
+        if not -n <= position < n:
+            raise IndexError(f"Index {position} is out of range for a dataset of {n} examples.")
+        return position + n if position < 0 else position
 
     def __getitem__(self, index: int) -> Any:
-        index = self._normalise(index)
+        index = self._normalise(index, len(self))
         return self._attach(self.dataset[index], index)
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         # DataLoader fetches a whole batch through __getitems__ when the dataset has one; keep the
         # wrapped dataset's batched fetch when it exists.
-        indices = [self._normalise(i) for i in indices]
+        n = len(self)
+        indices = [self._normalise(i, n) for i in indices]
         getitems = getattr(self.dataset, "__getitems__", None)
         samples = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
         return [self._attach(s, i) for s, i in zip(samples, indices, strict=True)]
@@ -126,11 +148,32 @@ class WithIndex(Dataset[Any], Generic[T_co]):
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """Where index, target and model inputs sit in a collated batch.
+    """Where index, target and model input sit in a collated batch.
 
     Tuple (or list) batches use positions, dict batches use keys. The defaults read what a
-    DataLoader over :class:`WithIndex` yields: ``(*inputs, target, index)`` or a dict with
-    ``"index"`` and one of :data:`TARGET_KEYS`.
+    DataLoader over :class:`WithIndex` yields for ``(input, target)`` samples and for dict samples:
+
+    * a tuple batch of **3** elements is ``(input, target, index)``;
+    * a tuple batch of **2** elements is ``(input, index)`` (no target: fine for the model's
+      forward; scorers need a target);
+    * a tuple batch of **more than 3** elements is an error unless ``target_pos`` is given: for
+      ``WithIndex(TensorDataset(x, y, group))`` the batch is ``(x, y, group, index)`` and reading
+      the second-to-last element as the target would silently score against ``group``;
+    * a dict batch has the index under ``index_key`` and the target under ``target_key`` (or the
+      one of :data:`TARGET_KEYS` present); the model gets every other key as a keyword argument.
+      Several of :data:`TARGET_KEYS` present (``"label"`` and ``"labels"``) is an error, also for
+      the model's inputs: the one not read as the target would reach the model as an input.
+
+    The model input of a tuple batch (what :func:`default_forward` calls the model on) is
+    ``batch[input_pos]``, or, when ``input_pos`` is ``None``, the one element that is neither the
+    index nor the target (an error when several remain: set ``input_pos`` or pass a ``forward``).
+
+    Positions may be negative (counted from the end), as in Python indexing.
+
+    Raises:
+        TypeError: for a position that is not an int (or ``None`` where allowed) or a key that is
+            not a str.
+        ValueError: for two roles at the same position.
 
     Example:
         >>> import torch
@@ -138,25 +181,42 @@ class BatchLayout:
         >>> batch = (torch.zeros(2, 3), torch.tensor([1, 0]), torch.tensor([7, 9]))
         >>> layout.indices(batch).tolist(), layout.targets(batch).tolist()
         ([7, 9], [1, 0])
+        >>> jtt = BatchLayout(target_pos=1)  # batches (x, y, group, index)
+        >>> jtt.targets((torch.zeros(2, 3), torch.tensor([1, 0]), torch.tensor([3, 3]),
+        ...              torch.tensor([7, 9]))).tolist()
+        [1, 0]
         >>> BatchLayout(target_key="y").targets({"x": torch.zeros(1), "y": torch.tensor([2]),
         ...                                      "index": torch.tensor([0])}).tolist()
         [2]
     """
 
-    index_pos: int = -1  # position of the index in a tuple batch
-    target_pos: int = -2  # position of the target in a tuple batch
+    index_pos: int = -1  # position of the index in a tuple batch (WithIndex appends it: last)
+    target_pos: int | None = None  # position of the target; None: 1 in a 3-element batch
     index_key: str = "index"  # key of the index in a dict batch
     target_key: str | None = None  # key of the target in a dict batch; None: see TARGET_KEYS
+    input_pos: int | None = None  # position of the model input; None: the one element left
 
     def __post_init__(self) -> None:
-        for name in ("index_pos", "target_pos"):
+        for name in ("index_pos", "target_pos", "input_pos"):
             value = getattr(self, name)
+            if value is None and name != "index_pos":
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"Expected `{name}` to be an int, but got {value!r}.")
-        if self.index_pos == self.target_pos:
-            raise ValueError(
-                f"`index_pos` and `target_pos` must differ, but both are {self.index_pos}."
-            )
+                allowed = "an int" if name == "index_pos" else "an int or None"
+                raise TypeError(f"Expected `{name}` to be {allowed}, but got {value!r}.")
+        for name in ("index_key", "target_key"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and name == "target_key")):
+                raise TypeError(f"Expected `{name}` to be a str, but got {value!r}.")
+        given = [
+            (name, getattr(self, name))
+            for name in ("index_pos", "target_pos", "input_pos")
+            if getattr(self, name) is not None
+        ]
+        for i, (a, pos_a) in enumerate(given):
+            for b, pos_b in given[i + 1 :]:
+                if pos_a == pos_b:
+                    raise ValueError(f"`{a}` and `{b}` must differ, but both are {pos_a}.")
 
     # -- reading ---------------------------------------------------------------------------------
     def indices(self, batch: Any) -> Any:
@@ -168,7 +228,7 @@ class BatchLayout:
         if isinstance(batch, tuple | list):
             if len(batch) < 2:
                 raise _no_index_error(f"a {type(batch).__name__} of {len(batch)} element(s)", batch)
-            return batch[self._position(batch, self.index_pos, "index_pos")]
+            return batch[self._position(len(batch), self.index_pos, "index_pos")]
         raise _no_index_error(f"a batch of type {type(batch).__name__}", batch)
 
     def targets(self, batch: Any) -> Any:
@@ -176,15 +236,16 @@ class BatchLayout:
         if isinstance(batch, Mapping):
             return batch[self._target_key(batch)]
         if isinstance(batch, tuple | list):
-            if len(batch) < 3:
+            _, target = self._positions(batch)
+            if target is None:
                 raise ValueError(
-                    f"Expected a batch (*inputs, target, index) with at least 3 elements, but "
+                    f"Expected a batch (input, target, index) with at least 3 elements, but "
                     f"got {len(batch)}. A DataLoader over sw.WithIndex(dataset) yields that "
                     "layout for (input, target) samples; for other layouts pass "
                     "layout=sw.BatchLayout(target_pos=..., index_pos=...) to the scorer, or call "
                     "update_indexed(indices, logits, targets)."
                 )
-            return batch[self._position(batch, self.target_pos, "target_pos")]
+            return batch[target]
         raise TypeError(
             f"Expected a tuple, list or dict batch, but got {type(batch).__name__}. Call "
             "update_indexed(indices, logits, targets) for other batch types."
@@ -196,18 +257,89 @@ class BatchLayout:
             drop = {self.index_key, self._target_key(batch, required=False)}
             return {k: v for k, v in batch.items() if k not in drop}
         if isinstance(batch, tuple | list):
-            n = len(batch)
-            positions = {self.index_pos % n, self.target_pos % n}
+            positions = self._positions(batch)
             return tuple(v for i, v in enumerate(batch) if i not in positions)
         raise TypeError(f"Expected a tuple, list or dict batch, but got {type(batch).__name__}.")
 
-    def _position(self, batch: Sequence[Any], pos: int, name: str) -> int:
-        if not -len(batch) <= pos < len(batch):
-            raise IndexError(
-                f"`{name}`={pos} is outside a batch of {len(batch)} elements; set "
+    def model_input(self, batch: Any) -> Any:
+        """What the model is called on: one element of a tuple batch, or a dict of keyword inputs.
+
+        Tuple batches: ``batch[input_pos]``, or the one element that is neither index nor target
+        when ``input_pos`` is ``None``. Dict batches: every key other than index and target.
+
+        Example:
+            >>> import torch
+            >>> layout = BatchLayout(index_pos=0, target_pos=1)  # batches (index, target, tokens)
+            >>> batch = (torch.tensor([4, 5]), torch.tensor([1, 0]), torch.zeros(2, 8))
+            >>> layout.model_input(batch).shape
+            torch.Size([2, 8])
+        """
+        if isinstance(batch, Mapping):
+            return self.inputs(batch)
+        if not isinstance(batch, tuple | list):
+            raise TypeError(
+                f"Expected a tuple, list or dict batch, but got {type(batch).__name__}; pass "
+                "forward=lambda model, batch: ... ."
+            )
+        n = len(batch)
+        index, target = self._positions(batch)
+        if self.input_pos is not None:
+            pos = self._position(n, self.input_pos, "input_pos")
+            if pos in (index, target):
+                role = "index_pos" if pos == index else "target_pos"
+                raise ValueError(
+                    f"`input_pos`={self.input_pos} and `{role}` name the same element of a batch "
+                    f"of {n} elements; set BatchLayout(input_pos=...) to where the model input is."
+                )
+            return batch[pos]
+        rest = [i for i in range(n) if i not in (index, target)]
+        if len(rest) != 1:
+            raise ValueError(
+                f"Cannot tell which element of a batch of {n} elements is the model input: "
+                f"positions {rest} are neither index (at {index}) nor target (at {target}). "
+                "Name it with BatchLayout(input_pos=...), or pass "
+                "forward=lambda model, batch: model(...) for a model with several inputs."
+            )
+        return batch[rest[0]]
+
+    def _positions(self, batch: Sequence[Any]) -> tuple[int, int | None]:
+        """Index and target positions in ``[0, len(batch))`` (target ``None``: no target)."""
+        n = len(batch)
+        if n < 2:
+            raise _no_index_error(f"a {type(batch).__name__} of {n} element(s)", batch)
+        index = self._position(n, self.index_pos, "index_pos")
+        target: int | None
+        if self.target_pos is not None:
+            target = self._position(n, self.target_pos, "target_pos")
+            if target == index:
+                raise ValueError(
+                    f"`index_pos`={self.index_pos} and `target_pos`={self.target_pos} name the "
+                    f"same element of a batch of {n} elements; set them to where index and "
+                    "target are."
+                )
+        elif n == 2:
+            target = None  # (input, index): a non-tuple sample, no target
+        elif n == 3 and index == 2:
+            target = 1  # (input, target, index): WithIndex over (input, target) samples
+        else:
+            raise ValueError(
+                f"Cannot tell where the target is in a batch of {n} elements with the index at "
+                f"position {self.index_pos}: without `target_pos` only 3-element batches "
+                "(input, target, index) are read. For WithIndex(TensorDataset(x, y, group)) the "
+                "batch is (x, y, group, index): pass layout=sw.BatchLayout(target_pos=1) (and "
+                "input_pos=... if the model input is not the only other element), or call "
+                "update_indexed(indices, logits, targets)."
+            )
+        return index, target
+
+    @staticmethod
+    def _position(n: int, pos: int, name: str) -> int:
+        if not -n <= pos < n:
+            raise ValueError(
+                f"`{name}`={pos} is outside a batch of {n} elements; set "
                 f"BatchLayout({name}=...) to where that element is."
             )
-        return pos
+        return pos % n
 
     def _target_key(self, batch: Mapping[str, Any], *, required: bool = True) -> str | None:
         if self.target_key is not None:
@@ -219,9 +351,9 @@ class BatchLayout:
         present = [k for k in TARGET_KEYS if k in batch]
         if len(present) == 1:
             return present[0]
-        if not required:
-            return None
         if not present:
+            if not required:
+                return None  # the model's inputs of an unlabelled batch
             raise KeyError(
                 f"Found no target in a dict batch with keys {sorted(batch)}: expected one of "
                 f"{list(TARGET_KEYS)}, or name it with BatchLayout(target_key=...)."
@@ -257,15 +389,26 @@ def move_to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, Mapping):
         return {k: move_to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, tuple | list):
-        return type(obj)(move_to_device(v, device) for v in obj)
+        moved = [move_to_device(v, device) for v in obj]
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple: fields as arguments
+            return type(obj)(*moved)
+        return type(obj)(moved)
     return obj
 
 
 def default_forward(layout: BatchLayout | None = None) -> Forward:
-    """The default ``forward(model, batch)``: ``model(batch[0])`` or ``model(**inputs)``.
+    """The default ``forward(model, batch)``: ``model(layout.model_input(batch))`` or
+    ``model(**inputs)``.
 
-    Tuple batches call the model on their first element; dict batches call it with every key other
-    than index and target as keyword arguments. Inputs are moved to the model's device first.
+    Tuple batches call the model on their model input as ``layout`` places it (by default the
+    first element of an ``(input, target, index)`` batch; see :meth:`BatchLayout.model_input`);
+    dict batches call it with every key other than index and target as keyword arguments. Inputs
+    are moved to the model's device first.
+
+    Raises:
+        ValueError: when ``layout`` cannot tell which element is the model input (see
+            :class:`BatchLayout`); the message says which argument to set.
+        TypeError: for a batch that is not a tuple, list or dict.
 
     Example:
         >>> import torch
@@ -273,19 +416,26 @@ def default_forward(layout: BatchLayout | None = None) -> Forward:
         >>> model = torch.nn.Linear(3, 2)
         >>> fwd(model, (torch.zeros(4, 3), torch.zeros(4), torch.arange(4))).shape
         torch.Size([4, 2])
+        >>> fwd = default_forward(BatchLayout(index_pos=0, target_pos=1))  # (index, target, x)
+        >>> fwd(model, (torch.arange(4), torch.zeros(4), torch.zeros(4, 3))).shape
+        torch.Size([4, 2])
     """
-    layout = layout or BatchLayout()
+    if layout is not None and not isinstance(layout, BatchLayout):
+        raise TypeError(
+            f"Expected `layout` to be a sw.BatchLayout, but got {type(layout).__name__}."
+        )
+    read = layout if layout is not None else BatchLayout()
 
     def forward(model: nn.Module, batch: Any) -> Any:
-        device = model_device(model)
+        if not isinstance(batch, Mapping | tuple | list):
+            raise TypeError(
+                f"The default forward handles tuple, list and dict batches, but got "
+                f"{type(batch).__name__}; pass forward=lambda model, batch: ... ."
+            )
+        inputs = move_to_device(read.model_input(batch), model_device(model))
         if isinstance(batch, Mapping):
-            return model(**move_to_device(layout.inputs(batch), device))
-        if isinstance(batch, tuple | list):
-            return model(move_to_device(batch[0], device))
-        raise TypeError(
-            f"The default forward handles tuple, list and dict batches, but got "
-            f"{type(batch).__name__}; pass forward=lambda model, batch: ... ."
-        )
+            return model(**inputs)
+        return model(inputs)
 
     return forward
 

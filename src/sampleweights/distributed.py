@@ -1,22 +1,35 @@
 """``torch.distributed`` helpers for scorers and samplers.
 
-Scorers merge their per-rank state in one of two ways (DESIGN.md, "DDP"):
+Scorers merge their per-rank state in one of two ways:
 
-* reducible state (sums, counts) is all-reduced when ``compute()`` is called — no communication
-  during training;
+* reducible state (sums, counts, Misclassified's latest step) is all-reduced when ``compute()``
+  is called — no communication during training;
 * order-dependent state (forgetting events) needs every example's presentations in order across
-  ranks: each ``update`` all-gathers the batch's ``(index, correct)`` pairs (uneven batch sizes
-  allowed), so every rank applies the same global batch, ordered by (step, rank, position).
+  ranks: each ``update`` all-gathers the batch's ``(index, correct)`` pairs, packed into one int32
+  per example (uneven batch sizes allowed), so every rank applies the same global batch, ordered
+  by (step, rank, position).
 
-Every rank must make the same collective calls: ``compute()`` on every rank, and — for
-``ForgettingTracker`` — ``update`` the same number of times on every rank (true with our
-samplers, which give every rank the same number of items; with ``pad=False`` shards differ by one
-item, so use ``drop_last=False`` loaders that yield equal batch counts, or
-``ForgettingTracker(..., process_group=None)`` per rank).
+**What every rank must do.** Make the same collective calls in the same order: ``compute()`` on
+every rank, ``new_run()`` on every rank, and — for ``ForgettingTracker`` — ``update`` the same
+number of times on every rank. Our samplers give every rank the same number of items by default
+(``pad=True``), so a loader with the same ``batch_size`` yields the same number of batches on
+every rank. Where the counts can differ (``pad=False`` shards, a rank that skips a step), a rank
+with nothing to present calls ``update_indexed`` with an empty batch (0 indices, ``(0, C)``
+logits, 0 targets) so the ranks stay in step.
+
+**What happens otherwise: a fast, clear error, not a hang.** Each exchange and each
+``compute()`` starts with the same small all-gather, a *header* (scorer, operation, run, number
+of updates, batch length): a rank making one update more than the others meets them in this
+collective while they are already in ``compute()`` (or in another update), and every rank raises
+:class:`DistributedMismatchError` naming what each rank was doing and how
+many updates it had made. The header also carries the batch lengths the exchange needs, so it
+costs no extra collective. (A rank that leaves the job without calling ``compute()`` cannot be
+met; the others then wait for the process group's timeout.)
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import torch
@@ -24,12 +37,35 @@ from torch import Tensor
 from torch import distributed as dist
 
 __all__ = [
+    "OP_COMPUTE",
+    "OP_UPDATE",
+    "DistributedMismatchError",
     "all_gather_uneven",
     "all_reduce_copy",
     "collective_device",
+    "exchange_header",
     "is_distributed",
     "world",
 ]
+
+#: Header operation codes (what a rank is doing when it enters a scorer collective).
+OP_UPDATE, OP_COMPUTE = 1, 2
+_OP_NAMES = {OP_UPDATE: "update()", OP_COMPUTE: "compute()"}
+_MAGIC = 0x5357  # "SW": marks a sampleweights header (anything else is another collective)
+
+
+class DistributedMismatchError(RuntimeError):
+    """The ranks of a process group are out of step in a scorer's collectives.
+
+    Raised on every rank, at once, when one rank makes more ``update`` calls than the others
+    (``ForgettingTracker``) or the ranks call ``compute()`` of different scorers, instead of
+    waiting for the process-group timeout. The message names what each rank was doing.
+
+    Example:
+        >>> import sampleweights as sw
+        >>> issubclass(sw.DistributedMismatchError, RuntimeError)
+        True
+    """
 
 
 def is_distributed(group: Any = None) -> bool:
@@ -67,20 +103,102 @@ def all_reduce_copy(tensor: Tensor, op: str, group: Any = None) -> Tensor:
     return wire.to(device, tensor.dtype)
 
 
-def all_gather_uneven(tensors: list[Tensor], group: Any = None) -> list[Tensor]:
+def scorer_tag(name: str) -> int:
+    """A stable number for a scorer name (the same on every rank and every run)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def exchange_header(
+    scorer: str,
+    op: int,
+    *,
+    run: int,
+    num_updates: int,
+    length: int = 0,
+    device: torch.device | None = None,
+    group: Any = None,
+    require_equal_updates: bool = True,
+) -> list[list[int]]:
+    """All-gather one small header per rank and check that the ranks are in the same collective.
+
+    The first collective of every scorer exchange and of every distributed ``compute()``: a rank
+    that has made one update more than the others meets them here even when they have moved on
+    to ``compute()``, so every rank raises the same clear error instead of waiting for the
+    process-group timeout.
+
+    Args:
+        scorer: the scorer's name (``ForgettingTracker``: ``"forgetting"``).
+        op: :data:`OP_UPDATE` or :data:`OP_COMPUTE`.
+        run: the scorer's run counter (``num_runs``).
+        num_updates: updates made on this rank before this call.
+        length: this rank's batch length (exchanges only).
+        device: where the header tensor is built (the collective's device is used for NCCL).
+        require_equal_updates: whether ``num_updates`` must agree (order-dependent scorers).
+
+    Returns:
+        One ``[magic, tag, op, run, num_updates, length]`` list per rank, in rank order.
+
+    Raises:
+        DistributedMismatchError: the ranks are in different scorer collectives, or (with
+            ``require_equal_updates``) have made different numbers of updates or runs; raised on
+            every rank.
+    """
+    size, rank = world(group)
+    comm = collective_device(group, device or torch.device("cpu"))
+    mine = torch.tensor(
+        [_MAGIC, scorer_tag(scorer), op, run, num_updates, length], dtype=torch.int64, device=comm
+    )
+    parts = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(parts, mine, group=group)
+    rows = torch.stack(parts).tolist()  # one host sync: the exchange needs the lengths anyway
+    key = 5 if require_equal_updates else 3
+    if all(row[:key] == rows[0][:key] for row in rows):
+        return [[int(v) for v in row] for row in rows]
+    raise DistributedMismatchError(_mismatch_message(scorer, op, rank, rows))
+
+
+def _mismatch_message(scorer: str, op: int, rank: int, rows: list[list[int]]) -> str:
+    def describe(r: int, row: list[int]) -> str:
+        if row[0] != _MAGIC:
+            return f"rank {r}: in another collective (not a sampleweights scorer)"
+        what = _OP_NAMES.get(row[2], f"op {row[2]}")
+        other = "" if row[1] == scorer_tag(scorer) else " of another scorer"
+        if row[2] == OP_UPDATE:
+            return (
+                f"rank {r}: update(){other} #{row[4] + 1} (run {max(row[3], 1)}, batch of {row[5]})"
+            )
+        return f"rank {r}: {what}{other} after {row[4]} update(s) in {row[3]} run(s)"
+
+    ranks = "; ".join(describe(r, row) for r, row in enumerate(rows))
+    doing = _OP_NAMES.get(op, "a collective")
+    return (
+        f"{scorer}: the ranks of the process group are out of step in {doing} on rank {rank}: "
+        f"{ranks}. Every rank must call update() the same number of times (and new_run() and "
+        "compute() together): use a sampler with equal shard lengths (sw.PrunedSampler's "
+        "default pad=True) and the same batch size on every rank, and on a rank that has no "
+        "batch for a step call update_indexed with an empty batch (0 indices, (0, C) logits, "
+        "0 targets)."
+    )
+
+
+def all_gather_uneven(
+    tensors: list[Tensor], group: Any = None, *, counts: list[int] | None = None
+) -> list[Tensor]:
     """All-gather 1-D tensors whose length differs per rank; returns the ranks' tensors
     concatenated in rank order (one result per input tensor, same dtype and device).
 
-    Two collectives: the lengths (one int per rank), then the data padded to the longest
-    (integer and bool tensors in one block; each float tensor in its own).
+    ``counts`` (every rank's length, e.g. from :func:`exchange_header`) saves the collective
+    that gathers the lengths. The data travel padded to the longest: several integer and bool
+    tensors together as one int64 block, a single tensor in its own dtype (bool as uint8).
     """
     size, _ = world(group)
     device = tensors[0].device
     comm = collective_device(group, device)
-    length = torch.tensor([tensors[0].numel()], device=comm)
-    lengths = [torch.zeros_like(length) for _ in range(size)]
-    dist.all_gather(lengths, length, group=group)
-    counts = [int(n) for n in lengths]  # one host sync: buffer sizes must be known
+    if counts is None:
+        length = torch.tensor([tensors[0].numel()], device=comm)
+        lengths = [torch.zeros_like(length) for _ in range(size)]
+        dist.all_gather(lengths, length, group=group)
+        counts = [int(n) for n in lengths]  # one host sync: buffer sizes must be known
     longest = max(counts)
     exact_ints = all(not (t.is_floating_point() or t.is_complex()) for t in tensors)
     if exact_ints and len(tensors) > 1:

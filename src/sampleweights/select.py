@@ -26,20 +26,20 @@ Strategy = Literal["hardest", "easiest", "random", "stratified"]
 _STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
-def _as_scores(scores: Any) -> Tensor:
-    scores = as_float_vector(scores, "scores", "a scorer's compute()")
+def _as_scores(scores: Any, name: str = "scores") -> Tensor:
+    scores = as_float_vector(scores, name, "a scorer's compute()")
     # keep float32/float64 as given (no upcast copy of a 10⁸-entry vector); halves go to fp32
     dtype = scores.dtype if scores.dtype in (torch.float32, torch.float64) else torch.float32
     values: Tensor = scores.detach().to("cpu", dtype)
     nan = int(torch.isnan(values).sum())
     if nan:
         raise ValueError(
-            f"`scores` has {nan} NaN entries of {values.numel()}: those examples were never "
+            f"`{name}` has {nan} NaN entries of {values.numel()}: those examples were never "
             "scored. Score the full dataset (sw.score_dataset over a loader of the whole "
             "dataset) before selecting."
         )
     if bool((values == -torch.inf).any()):
-        raise ValueError("`scores` contains -inf; scores must be finite or +inf (never learned).")
+        raise ValueError(f"`{name}` contains -inf; scores must be finite or +inf (never learned).")
     return values
 
 
@@ -94,35 +94,55 @@ def _take(
     return _stratified(pool, pool_scores, k, bins, gen)
 
 
+def _strata(values: Tensor, bins: int) -> Tensor:
+    """CCS's stratum of each finite score: ``bins`` equal-width strata over
+    ``[min, max · 1.0001)``, edges ``min + k · step`` computed as CCS computes them (in the scores'
+    dtype), so every score lands in the stratum CCS puts it in.
+
+    Two cases CCS does not handle: a score at or above the last edge (when ``max ≤ 0``,
+    ``max · 1.0001 ≤ max``) goes to the last stratum, where CCS drops it from every stratum; and
+    a range whose width overflows the dtype (float32 scores spanning ±3e38) is binned in float64
+    after dividing by ``max |score|`` — the same strata, without ``inf``/``NaN`` edges.
+    """
+    lo, hi = values.min(), values.max()
+    step = (hi * 1.0001 - lo) / bins
+    if not bool(torch.isfinite(step)):
+        scale = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
+        return _strata(values.to(torch.float64) / scale, bins)
+    edges = torch.stack([lo + k * step for k in range(bins + 1)])  # as CCS's bin_range(k)
+    # stratum k holds edges[k] ≤ s < edges[k + 1]
+    ids = torch.searchsorted(edges, values, right=True) - 1
+    return ids.clamp_(0, bins - 1)
+
+
 def _stratified(
     pool: Tensor, pool_scores: Tensor, k: int, bins: int, gen: torch.Generator
 ) -> Tensor:
     finite = torch.isfinite(pool_scores)
-    bin_id = torch.full((len(pool),), bins, dtype=torch.int64)  # +inf: a bin of its own
+    bin_id = torch.full((len(pool),), bins, dtype=torch.int64)  # +inf: a stratum of its own
     if bool(finite.any()):
-        lo, hi = pool_scores[finite].min(), pool_scores[finite].max()
-        width = (hi - lo) / bins
-        ids = (
-            ((pool_scores[finite] - lo) / width).floor().clamp(0, bins - 1)
-            if width > 0
-            else (torch.zeros(int(finite.sum()), dtype=torch.float64))
-        )
-        bin_id[finite] = ids.to(torch.int64)
+        bin_id[finite] = _strata(pool_scores[finite], bins)
     sizes = torch.bincount(bin_id, minlength=bins + 1)
     starts = torch.cumsum(sizes, 0) - sizes
-    grouped = pool[torch.argsort(bin_id, stable=True)]  # members of each bin contiguous
-    chosen = []
+    grouped = pool[torch.argsort(bin_id, stable=True)]  # members of each stratum contiguous
+    # CCS's bin_allocate: strata in the order of torch.argsort of their sizes (empty ones too),
+    # each taking min(size, remaining budget // strata left). The very call CCS makes, on the
+    # same size vector, so equal sizes come in the same order; the +inf stratum (which CCS does
+    # not have) joins only when it is occupied.
+    counted = sizes if bool(sizes[bins] > 0) else sizes[:bins]
+    order = torch.argsort(counted).tolist()
+    budget = [0] * (bins + 1)
     remaining = k
-    occupied = [int(b) for b in torch.argsort(sizes, stable=True) if sizes[b] > 0]
-    # smallest bin first; among equal sizes the lower-score bin first (+inf last), which gives
-    # the harder bin the larger share of the rounding; at most bins + 1 iterations
-    for i, b in enumerate(occupied):
-        size, start = int(sizes[b]), int(starts[b])
-        share = min(size, remaining // (len(occupied) - i))
-        pick = torch.randperm(size, generator=gen)[:share] + start
-        chosen.append(grouped[pick])
-        remaining -= share
-    return torch.cat(chosen)
+    for i, b in enumerate(order):  # at most bins + 1 iterations
+        budget[b] = min(int(counted[b]), remaining // (len(order) - i))
+        remaining -= budget[b]
+    chosen = []
+    for b in range(bins + 1):
+        if budget[b]:
+            size, start = int(sizes[b]), int(starts[b])
+            pick = torch.randperm(size, generator=gen)[: budget[b]] + start
+            chosen.append(grouped[pick])
+    return torch.cat(chosen) if chosen else pool[:0]
 
 
 def select(
@@ -135,6 +155,8 @@ def select(
     class_balanced: bool = False,
     seed: int = 0,
     bins: int = 50,
+    cutoff_scores: Tensor | None = None,
+    cutoff: float | int = 0.0,
 ) -> Tensor:
     """Choose examples from their scores; returns a sorted LongTensor of dataset indices.
 
@@ -151,6 +173,20 @@ def select(
             remainder, so the total is exactly the requested count).
         seed: seeds the tie-breaking permutation and the random choices.
         bins: number of equal-width score bins for ``"stratified"`` (+inf gets its own bin).
+        cutoff_scores: ``(N,)`` a *second* score that ``cutoff`` removes the hardest of (higher =
+            harder), before any strategy. CCS cuts the lowest-AUM examples (likely mislabelled)
+            and stratifies by another score: ``cutoff_scores=-aum``.
+        cutoff: a fraction (of N, rounded) or count removed from the top of ``cutoff_scores``
+            first; then ``offset`` removes the highest ``scores`` among the rest.
+
+    Stratified selection is CCS's ``stratified_sampling`` (after ``mislabel_mask`` with
+    ``cutoff``): ``bins`` strata of equal width over ``[min, max·1.0001)`` of the pool's finite
+    scores, edges computed as CCS computes them; the budget is spread over the strata in the
+    order of ``torch.argsort`` of their sizes (as CCS), each taking ``min(size, remaining //
+    strata left)``; the members are drawn uniformly within a stratum. Differences: fractions
+    round (CCS truncates ``int(ratio · N)``: pass counts to reproduce it), and a pool whose
+    maximum is ≤ 0 keeps its maximum in the last stratum (CCS's ``max · 1.0001`` then drops
+    it). A range too wide for the dtype (float32 spanning ±3e38) is binned in float64.
 
     Ties are broken by a seeded random permutation: forgetting and error-set scores are mostly
     ties, and index order would favour low indices.
@@ -167,6 +203,9 @@ def select(
         [0, 4]
         >>> select(scores, 2, offset=1).tolist()           # skip the single hardest first
         [1, 2]
+        >>> aum = torch.tensor([3.0, -2.0, 1.0, 0.5, 2.0])   # example 1: likely mislabelled
+        >>> select(scores, 4, "stratified", cutoff_scores=-aum, cutoff=1).tolist()   # CCS
+        [0, 2, 3, 4]
     """
     values = _as_scores(scores)
     n = values.numel()
@@ -176,12 +215,26 @@ def select(
         raise ValueError(f"Expected `bins` to be an int ≥ 1, but got {bins!r}.")
     k = _count(keep, n, "keep", allow_zero=False)
     skip = _count(offset, n, "offset", allow_zero=True)
+    cut = _count(cutoff, n, "cutoff", allow_zero=True)
+    cut_values: Tensor | None = None
+    if cutoff_scores is not None:
+        cut_values = _as_scores(cutoff_scores, "cutoff_scores")
+        if cut_values.numel() != n:
+            raise ValueError(
+                f"Expected `cutoff_scores` of shape ({n},) like `scores`, but got "
+                f"{tuple(cut_values.shape)}."
+            )
+    elif cut:
+        raise ValueError(
+            f"`cutoff`={cutoff} needs `cutoff_scores`, the (N,) score whose hardest (highest) "
+            "examples it removes (e.g. -aum for CCS); to cut by `scores` itself use `offset`."
+        )
     if k == 0:
         raise ValueError(f"`keep`={keep} of {n} examples rounds to 0; keep at least one example.")
-    if k > n - skip:
+    if k > n - skip - cut:
         raise ValueError(
-            f"Cannot keep {k} examples after `offset` removed {skip} of {n}: at most {n - skip} "
-            "remain. Lower `keep` or `offset`."
+            f"Cannot keep {k} examples after `offset` and `cutoff` removed {skip} and {cut} of "
+            f"{n}: at most {n - skip - cut} remain. Lower `keep`, `offset` or `cutoff`."
         )
     label_t: Tensor | None = None
     if labels is not None or class_balanced:
@@ -200,12 +253,19 @@ def select(
             raise ValueError("Expected `labels` to be non-negative integer class ids.")
 
     gen = torch.Generator().manual_seed(int(seed))
-    if strategy == "random" and skip == 0 and label_t is None:
+    if strategy == "random" and skip == 0 and cut == 0 and label_t is None:
         # a uniform subset needs no ranking: skip the sort of all N scores
         return torch.sort(torch.randperm(n, generator=gen)[:k]).values
     # hardest first, ties in a seeded random order
     perm = torch.randperm(n, generator=gen)
     order = perm[torch.sort(values[perm], descending=True, stable=True).indices]
+    if cut and cut_values is not None:
+        # CCS's mislabel_mask: the hardest by the cut-off score go first (ties: the same
+        # seeded permutation), then offset and the strategy work on the rest
+        removed = perm[torch.sort(cut_values[perm], descending=True, stable=True).indices[:cut]]
+        kept = torch.ones(n, dtype=torch.bool)
+        kept[removed] = False
+        order = order[kept[order]]
     pool = order[skip:]
     if label_t is None:
         chosen = _take(pool, values[pool], k, strategy, bins, gen)

@@ -15,22 +15,34 @@ it where that is cheaper (the "ghost norm" trick: Goodfellow 2015, Li et al. 202
 * LayerNorm / GroupNorm / BatchNorm (eval): the affine parameters' gradients are
   ``Σ g ∘ x̂`` and ``Σ g`` over the non-channel positions, with ``x̂`` recomputed from ``a``.
 
+Preconditions, common to every rule: **axis 0 of ``a`` and of ``g`` is the batch, and row block
+``b`` (``a[b]``, ``g[b]``) is example ``b`` and nothing else**; every other axis is summed over
+as positions (sequence, spatial) or channels. The layer ran once in the forward, and its
+parameters are its own (registered on it, used only by its call). A rule cannot check these
+itself — ``a`` of shape ``(T, B, D)`` with ``T == B`` looks like a batch — so the hook engine
+checks them (shape checks on every call, a cached probe per input signature; see
+:mod:`sampleweights.pergrad.hooks`) and sends any layer that fails to the exact fallback. A rule
+returns ``{param_name: (B,) tensor}`` for the parameter names of the layer it knows; a parameter
+it does not name (``weight_g`` of ``weight_norm``) is not covered by it.
+
 Rules compute in fp32 (fp64 for fp64 inputs). A rule returns ``None`` when a configuration of a
 supported type is not covered (e.g. a Conv with ``padding_mode="reflect"``): the parameters then
-go to the ``vmap`` fallback — never silently skipped.
+go to the exact fallback — never silently skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TypeVar, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import grad as conv_grad
 
-__all__ = ["Rule", "find_rule", "register_rule"]
+__all__ = ["Rule", "find_rule", "register_rule", "registered_rule"]
 
 #: ``rule(module, a, g) -> {param_name: (B,) squared norms}`` or ``None`` (not covered).
 Rule = Callable[[nn.Module, Tensor, Tensor], "dict[str, Tensor] | None"]
@@ -38,18 +50,99 @@ Rule = Callable[[nn.Module, Tensor, Tensor], "dict[str, Tensor] | None"]
 _RULES: dict[type[nn.Module], Rule] = {}
 
 
-def register_rule(module_type: type[nn.Module], rule: Rule, *, replace: bool = False) -> None:
+_R = TypeVar("_R", bound=Rule)
+
+
+@overload
+def register_rule(
+    module_type: type[nn.Module], rule: None = None, *, replace: bool = False
+) -> Callable[[_R], _R]: ...
+
+
+@overload
+def register_rule(module_type: type[nn.Module], rule: Rule, *, replace: bool = False) -> None: ...
+
+
+def register_rule(
+    module_type: type[nn.Module], rule: Rule | None = None, *, replace: bool = False
+) -> Callable[[_R], _R] | None:
     """Register the rule for ``module_type`` (exact type; subclasses are not matched).
 
+    ``register_rule(MyLayer, rule)`` registers at once; ``@register_rule(MyLayer)`` decorates the
+    rule function (and returns it unchanged). A rule must honour the preconditions in this
+    module's docstring: axis 0 of its input and output gradient is the batch, row ``b`` is
+    example ``b``; it returns ``{param_name: (B,) squared norms}``, or ``None`` for a
+    configuration it does not cover.
+
     Raises:
+        TypeError: ``module_type`` is not an ``nn.Module`` subclass, or ``rule`` is not callable.
         ValueError: a rule for that type exists and ``replace`` is False (no silent overwrite).
+
+    Example:
+        >>> from torch import nn
+        >>> class Scale(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.s = nn.Parameter(torch.ones(()))
+        ...     def forward(self, x):
+        ...         return self.s * x
+        >>> @register_rule(Scale)
+        ... def scale_rule(module, a, g):  # ∂loss_b/∂s = Σ a_b ∘ g_b
+        ...     return {"s": (a * g).reshape(a.shape[0], -1).sum(1).float().square()}
+        >>> find_rule(Scale()) is scale_rule
+        True
+        >>> del _RULES[Scale]  # (a test would use registered_rule instead)
     """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(
+            f"Expected `module_type` to be an nn.Module subclass, but got {module_type!r}."
+        )
+    if rule is not None and not callable(rule):
+        raise TypeError(
+            f"Expected `rule` to be callable rule(module, a, g), but got {type(rule).__name__}."
+        )
     if module_type in _RULES and not replace:
         raise ValueError(
             f"A per-example norm rule for {module_type.__name__} is already registered; pass "
             "replace=True to override it."
         )
+    if rule is None:
+
+        def decorate(fn: _R) -> _R:
+            register_rule(module_type, fn, replace=replace)
+            return fn
+
+        return decorate
     _RULES[module_type] = rule
+    return None
+
+
+@contextlib.contextmanager
+def registered_rule(module_type: type[nn.Module], rule: Rule) -> Iterator[None]:
+    """Use ``rule`` for ``module_type`` inside a ``with`` block, then restore what was there.
+
+    For tests and experiments: it replaces an existing rule for the block, and removes or
+    restores it on exit (also on an exception), so no global registry is left patched.
+
+    Example:
+        >>> from torch import nn
+        >>> def no_cover(module, a, g):
+        ...     return None  # send every nn.Linear to the exact fallback
+        >>> with registered_rule(nn.Linear, no_cover):
+        ...     find_rule(nn.Linear(2, 2)) is no_cover
+        True
+        >>> find_rule(nn.Linear(2, 2)) is no_cover
+        False
+    """
+    previous = _RULES.get(module_type)
+    register_rule(module_type, rule, replace=True)
+    try:
+        yield
+    finally:
+        if previous is None:
+            _RULES.pop(module_type, None)
+        else:
+            _RULES[module_type] = previous
 
 
 def find_rule(module: nn.Module) -> Rule | None:
@@ -82,6 +175,8 @@ def _outer_sq_norm(a: Tensor, g: Tensor) -> Tensor:
 
 
 def _linear(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Linear. ``a`` ``(B, *, I)``, ``g`` ``(B, *, O)``: axis 0 is the batch, row ``b`` is
+    example ``b``; the middle axes (if any) are positions of that example."""
     dt = _math_dtype(a)
     has_bias = getattr(module, "bias", None) is not None
     if a.dim() == 2:  # no sequence: ‖∇W_b‖² = ‖a_b‖²‖g_b‖², ‖∇bias_b‖² = ‖g_b‖²
@@ -100,7 +195,11 @@ def _linear(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
 
 
 def _conv(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | None:
+    """Conv1d/Conv2d. ``a`` ``(B, C_in, *spatial)``, ``g`` ``(B, C_out, *spatial')``: a batched
+    call, axis 0 the batch, row ``b`` example ``b``; zero padding only (else ``None``)."""
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
+    if a.dim() != (3 if isinstance(module, nn.Conv1d) else 4):
+        return None  # an unbatched call (C, L) / (C, H, W): axis 0 is not the batch
     if module.padding_mode != "zeros" or (
         isinstance(module.padding, str) and module.padding != "valid"
     ):
@@ -155,6 +254,8 @@ _CONV_WEIGHT = {nn.Conv1d: conv_grad.conv1d_weight, nn.Conv2d: conv_grad.conv2d_
 
 
 def _embedding(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | None:
+    """Embedding. Indices ``a`` ``(B, *)``, ``g`` ``(B, *, D)``: axis 0 the batch, row ``b``
+    example ``b``; no ``scale_grad_by_freq`` (else ``None``)."""
     assert isinstance(module, nn.Embedding)
     if module.scale_grad_by_freq:
         return None
@@ -183,6 +284,8 @@ def _affine(
 
 
 def _layer_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | None:
+    """LayerNorm. ``a``, ``g`` ``(B, *, *normalized_shape)``: axis 0 the batch, row ``b``
+    example ``b``; the axes between are positions of that example."""
     assert isinstance(module, nn.LayerNorm)
     dt = _math_dtype(a)
     x, g = a.to(dt), g.to(dt)
@@ -193,6 +296,7 @@ def _layer_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | 
 
 
 def _group_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | None:
+    """GroupNorm. ``a``, ``g`` ``(B, C, *)``: axis 0 the batch, row ``b`` example ``b``."""
     assert isinstance(module, nn.GroupNorm)
     dt = _math_dtype(a)
     x, g = a.to(dt), g.to(dt)
@@ -201,6 +305,8 @@ def _group_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | 
 
 
 def _batch_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor] | None:
+    """BatchNorm in eval mode (running statistics). ``a``, ``g`` ``(B, C, *)``: axis 0 the
+    batch, row ``b`` example ``b``. Batch statistics couple the examples: an error."""
     assert isinstance(module, nn.modules.batchnorm._BatchNorm)
     if module.training or module.running_mean is None or module.running_var is None:
         raise BatchCoupledError(module)

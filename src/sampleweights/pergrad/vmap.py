@@ -3,24 +3,34 @@
 ``vmap(grad(loss of one example))`` over the batch, via ``functional_call`` so the model's own
 parameters are untouched. General (any differentiable model without batch coupling), exact, but
 it materialises ``chunk × parameters`` gradients: ``chunk_size`` bounds that memory.
+
+Also home of what the engines share: how a batch is split into examples
+(``_SplitBatch``) and the error an engine raises when it cannot differentiate a model
+(:class:`PerExampleGradientError`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_map
 
-__all__ = ["LossFn", "auto_chunk_size", "vmap_sq_norms"]
+__all__ = ["LossFn", "PerExampleGradientError", "auto_chunk_size", "vmap_sq_norms"]
 
 #: ``loss_fn(output, targets) -> (B,)`` per-example losses.
 LossFn = Callable[[Any, Tensor], Tensor]
 
 _CHUNK_BYTES = 512 * 2**20  # per-example gradient memory the default chunk size aims for
+_SCALARS = (str, bytes, int, float, bool, type(None))
+
+
+class PerExampleGradientError(RuntimeError):
+    """A per-example gradient engine cannot differentiate the model (the message says which
+    parameters, why, and which engine to use instead); the original error is its ``__cause__``.
+    """
 
 
 class _Call(nn.Module):
@@ -33,6 +43,91 @@ class _Call(nn.Module):
 
     def forward(self, batch: Any) -> Any:
         return self._forward(self.model, batch)
+
+
+class _SplitBatch:
+    """A batch of ``n`` examples seen as its per-example parts and the rest.
+
+    Per-example parts: tensors whose first dimension is ``n`` (split along it), and lists of ``n``
+    strings or numbers (what ``default_collate`` makes of a string field; split by item). Every
+    other leaf — a 0-d tensor, a tensor with another first dimension, a flag — is shared by all
+    examples and passed whole. Dicts, lists, tuples and named tuples are walked.
+
+    Example:
+        >>> import torch
+        >>> s = _SplitBatch({"x": torch.zeros(3, 2), "text": ["a", "b", "c"], "k": 1}, 3)
+        >>> s.rows(1, 2)["x"].shape, s.rows(1, 2)["text"], s.rows(1, 2)["k"]
+        (torch.Size([1, 2]), ['b'], 1)
+    """
+
+    def __init__(self, batch: Any, n: int) -> None:
+        self.batch = batch
+        self.n = n
+        self.tensors: list[Tensor] = []  # the batch-first tensors, in walk order
+        self.lists: list[str] = []  # where the per-example non-tensor lists are, for messages
+        self._walk(batch, "batch")
+
+    def _walk(self, obj: Any, where: str) -> None:
+        if isinstance(obj, Tensor):
+            if obj.dim() > 0 and obj.shape[0] == self.n:
+                self.tensors.append(obj)
+        elif self._is_value_list(obj):
+            self.lists.append(where)
+        elif isinstance(obj, Mapping):
+            for k, v in obj.items():
+                self._walk(v, f"{where}[{k!r}]")
+        elif isinstance(obj, tuple | list):
+            for i, v in enumerate(obj):
+                self._walk(v, f"{where}[{i}]")
+
+    def _is_value_list(self, obj: Any) -> bool:
+        return (
+            isinstance(obj, list)
+            and len(obj) == self.n
+            and len(obj) > 0
+            and all(isinstance(v, _SCALARS) for v in obj)
+        )
+
+    def rebuild(self, tensors: list[Tensor], lists: Callable[[list[Any]], list[Any]]) -> Any:
+        """The batch with its batch-first tensors replaced by ``tensors`` (in walk order) and each
+        per-example list ``v`` by ``lists(v)``."""
+        it = iter(tensors)
+
+        def go(obj: Any) -> Any:
+            if isinstance(obj, Tensor):
+                return next(it) if obj.dim() > 0 and obj.shape[0] == self.n else obj
+            if self._is_value_list(obj):
+                return lists(obj)
+            if isinstance(obj, Mapping):
+                return {k: go(v) for k, v in obj.items()}
+            if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+                return type(obj)(*(go(v) for v in obj))
+            if isinstance(obj, tuple | list):
+                return type(obj)(go(v) for v in obj)
+            return obj
+
+        return go(self.batch)
+
+    def rows(self, start: int, stop: int) -> Any:
+        """Examples ``start:stop`` as a batch of their own (same structure)."""
+        return self.rebuild([t[start:stop] for t in self.tensors], lambda v: v[start:stop])
+
+
+def _describe(model: nn.Module, names: list[str], limit: int = 6) -> str:
+    """``"name (ModuleType), …"`` for error messages: the first ``limit`` of ``names``."""
+    modules = dict(model.named_modules())
+    parts = []
+    for n in names[:limit]:
+        owner = n.rsplit(".", 1)[0] if "." in n else ""
+        parts.append(f"{n} ({type(modules.get(owner, model)).__name__})")
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(parts) + more
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message, with its type: ``"RuntimeError: …"``."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def auto_chunk_size(num_params: int, batch: int) -> int:
@@ -51,44 +146,80 @@ def vmap_sq_norms(
 ) -> Tensor:
     """Per-example squared gradient norms over the parameters ``names``: fp32/fp64 ``(B,)``.
 
+    Random ops (dropout in train mode) draw independently per example
+    (``randomness="different"``). An empty batch gives an empty result.
+
     Args:
         model: the model (in the mode to score in).
         names: parameter names (as in ``model.named_parameters()``) to differentiate.
-        batch: what ``forward(model, batch)`` takes; every tensor leaf has the batch first.
-        targets: ``(B,)`` targets on the output's device.
+        batch: what ``forward(model, batch)`` takes; tensors whose first dimension is ``B`` are
+            split into examples, other leaves are shared (see ``_SplitBatch``).
+        targets: ``(B, ...)`` targets on the output's device.
         forward: ``forward(model, batch) -> logits``.
         loss_fn: ``loss_fn(logits, targets) -> (B,)``.
         chunk_size: examples per vmap call; ``None``: :func:`auto_chunk_size`.
+
+    Raises:
+        PerExampleGradientError: ``torch.func`` cannot transform the model (unsupported ops,
+            backward hooks, reentrant checkpointing, data-dependent control flow, in-place
+            updates of weights) or the batch has per-example fields that are not tensors. The
+            one-example-at-a-time engine (:func:`~sampleweights.pergrad.loop_sq_norms`) covers
+            these.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> ce = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")
+        >>> sq = vmap_sq_norms(model, ["weight", "bias"], torch.randn(4, 3),
+        ...                    torch.tensor([0, 1, 1, 0]), lambda m, x: m(x), ce)
+        >>> sq.shape, sq.dtype
+        (torch.Size([4]), torch.float32)
     """
-    wrapper = _Call(model, forward)
+    b = targets.shape[0]
     params = dict(model.named_parameters())
     scored = {f"model.{n}": params[n].detach() for n in names}
-    fixed = {f"model.{n}": p.detach() for n, p in params.items() if n not in names}
-    fixed.update({f"model.{n}": b for n, b in model.named_buffers()})
-
-    def one_loss(p: dict[str, Tensor], example: Any, target: Tensor) -> Tensor:
-        as_batch = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
-        logits = functional_call(wrapper, {**p, **fixed}, (as_batch,))
-        return loss_fn(logits, target.unsqueeze(0)).sum()
-
-    b = targets.shape[0]
-    numel = sum(t.numel() for t in scored.values())
-    chunk = chunk_size or auto_chunk_size(numel, b)
-    per_example_grads = vmap(grad(one_loss), in_dims=(None, 0, 0))
     dtype = (
         torch.float64 if any(p.dtype == torch.float64 for p in scored.values()) else torch.float32
     )
-    norms = []
-    # chunks by hand: vmap's own chunk_size would still return all B per-example gradients
-    for start in range(0, b, chunk):
-        part = tree_map(
-            lambda t: t[start : start + chunk] if isinstance(t, Tensor) else t,  # noqa: B023
-            batch,
+    if b == 0:
+        return torch.zeros(0, dtype=dtype, device=targets.device)
+    split = _SplitBatch(batch, b)
+    if split.lists:
+        raise PerExampleGradientError(
+            f"GraNd's vmap engine splits only tensors into examples, but the batch has "
+            f"per-example fields that are not tensors: {', '.join(split.lists[:4])}. Use "
+            "engine='auto' or engine='loop' (one example at a time), or drop such fields in the "
+            "collate_fn."
         )
-        grads = per_example_grads(scored, part, targets[start : start + chunk])
-        n = min(chunk, b - start)
-        total = torch.zeros(n, dtype=dtype, device=targets.device)
-        for g in grads.values():
-            total += g.reshape(n, -1).to(dtype).pow(2).sum(dim=1)
-        norms.append(total)
+    wrapper = _Call(model, forward)
+    fixed = {f"model.{n}": p.detach() for n, p in params.items() if n not in names}
+    fixed.update({f"model.{n}": t for n, t in model.named_buffers()})
+
+    def one_loss(p: dict[str, Tensor], rows: list[Tensor], target: Tensor) -> Tensor:
+        example = split.rebuild([t.unsqueeze(0) for t in rows], lambda v: v)
+        logits = functional_call(wrapper, {**p, **fixed}, (example,))
+        return loss_fn(logits, target.unsqueeze(0)).sum()
+
+    numel = sum(t.numel() for t in scored.values())
+    chunk = chunk_size or auto_chunk_size(numel, b)
+    per_example_grads = vmap(grad(one_loss), in_dims=(None, 0, 0), randomness="different")
+    norms = []
+    try:
+        # chunks by hand: vmap's own chunk_size would still return all B per-example gradients
+        for start in range(0, b, chunk):
+            rows = [t[start : start + chunk] for t in split.tensors]
+            grads = per_example_grads(scored, rows, targets[start : start + chunk])
+            n = min(chunk, b - start)
+            total = torch.zeros(n, dtype=dtype, device=targets.device)
+            for g in grads.values():
+                total += g.reshape(n, -1).to(dtype).pow(2).sum(dim=1)
+            norms.append(total)
+    except (RuntimeError, NotImplementedError) as err:
+        if isinstance(err, PerExampleGradientError):
+            raise
+        raise PerExampleGradientError(
+            f"GraNd's vmap engine (torch.func) cannot differentiate "
+            f"{_describe(model, names)}: {_first_line(err)}. Use engine='auto' or "
+            "engine='loop', which fall back to plain autograd one example at a time."
+        ) from err
     return torch.cat(norms)

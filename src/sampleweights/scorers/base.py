@@ -19,13 +19,21 @@ from __future__ import annotations
 import abc
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from sampleweights.data import BatchLayout
-from sampleweights.distributed import all_gather_uneven, all_reduce_copy, is_distributed, world
+from sampleweights.distributed import (
+    OP_COMPUTE,
+    OP_UPDATE,
+    all_gather_uneven,
+    all_reduce_copy,
+    exchange_header,
+    is_distributed,
+    world,
+)
 from sampleweights.errors import StateMismatchError
 from sampleweights.scorers.staging import HostStaging
 from sampleweights.validation import (
@@ -34,7 +42,11 @@ from sampleweights.validation import (
     check_num_examples,
     check_range,
     finite_rows,
+    looks_like_probabilities,
 )
+
+if TYPE_CHECKING:
+    from sampleweights.scorers.rowstats import RowStats
 
 __all__ = ["NonFinite", "RunningMeanScorer", "Scorer"]
 
@@ -50,6 +62,14 @@ class _StateSpec:
     dtype: torch.dtype
     fill: float | int | bool
     reduce: Reduce | None  # how ranks merge it at compute(); None: already global / custom
+    nonnegative: bool = False  # load_state_dict rejects negative entries (counts, steps)
+
+
+def _row_stats(logits: Tensor, targets: Tensor) -> RowStats:
+    """A batch's lazily computed shared statistics (imported here: rowstats imports scorers)."""
+    from sampleweights.scorers.rowstats import RowStats
+
+    return RowStats(logits, targets)
 
 
 def _library_version() -> str:
@@ -81,6 +101,10 @@ class Scorer(abc.ABC):
         process_group: the ``torch.distributed`` group whose ranks share the scores (default:
             the world when initialised). ``compute()`` is then a collective: call it on every
             rank; each rank gets the full vector a single process would have computed.
+
+    Runs: :meth:`new_run` starts a new training run (Data Diet averages scores over several
+    runs). Order-dependent scorers never compare presentations across runs; ``num_runs``
+    counts the runs that received updates.
     """
 
     #: Name stored in ``state_dict`` and in saved scores.
@@ -120,20 +144,34 @@ class Scorer(abc.ABC):
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
         self._staging: HostStaging | None = None
         self.num_updates = 0
+        #: runs that received at least one update (see :meth:`new_run`)
+        self.num_runs = 0
+        self._run_updates = 0  # updates in the current run
+        self._world: tuple[int, int] | None = None  # (world size, rank) of the updates
+        self._rank_updates: list[int] = []  # every rank's num_updates, from compute()'s header
 
     # -- state declaration -----------------------------------------------------------------------
     def add_state(
-        self, name: str, dtype: torch.dtype, fill: float | int | bool, reduce: Reduce | None = "sum"
+        self,
+        name: str,
+        dtype: torch.dtype,
+        fill: float | int | bool,
+        reduce: Reduce | None = "sum",
+        *,
+        nonnegative: bool | None = None,
     ) -> None:
         """Declare a per-example state tensor of ``num_examples`` entries filled with ``fill``.
 
         ``reduce`` says how the ranks of a distributed job merge it in ``compute()``: ``"sum"``,
         ``"max"``, ``"min"``, or ``None`` for state that is already global (or merged by an
-        override of ``_merge``).
+        override of ``_merge``). ``nonnegative`` (default: true for integer dtypes, which hold
+        counts and step numbers) makes ``load_state_dict`` reject negative entries.
         """
         if name in self._specs:
             raise RuntimeError(f"State {name!r} is already declared on {type(self).__name__}.")
-        self._specs[name] = _StateSpec(dtype, fill, reduce)
+        if nonnegative is None:
+            nonnegative = not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+        self._specs[name] = _StateSpec(dtype, fill, reduce, nonnegative)
         if self._device.type == "cuda":
             check_fits(self.num_examples, torch.empty((), dtype=dtype).element_size(), self._device)
         self._state[name] = torch.full(
@@ -179,7 +217,7 @@ class Scorer(abc.ABC):
         indices, logits, targets = self._validate(indices, logits, targets)
         targets = targets.to(logits.device, torch.int64, non_blocking=True)
         finite = finite_rows(logits) if self.nonfinite == "skip" else None
-        self._ingest(indices, self._values(logits, targets), finite)
+        self._ingest(indices, self._values_from(_row_stats(logits, targets)), finite)
 
     def _ingest(self, indices: Tensor, values: Tensor, finite: Tensor | None) -> None:
         """Scatter per-example ``values`` (B,), computed on their own device, into the state.
@@ -196,8 +234,14 @@ class Scorer(abc.ABC):
         if self.exchanges_updates and is_distributed(self.process_group):
             # order-dependent state: every rank applies the global batch, ordered by (rank,
             # position), so the state is identical on every rank and equals one process's
-            indices, values = all_gather_uneven([indices, values], self.process_group)
+            indices, values = self._exchange(indices, values)
         device = self._claim_device(source)
+        self._world = world(self.process_group)
+        if self._run_updates == 0:
+            if self.num_runs:
+                self._begin_run()  # the first update of a later run
+            self.num_runs += 1
+        self._run_updates += 1
         self.num_updates += 1
         step = self.num_updates
         if device == source:
@@ -214,6 +258,33 @@ class Scorer(abc.ABC):
                 None if skipped is None else skipped.to(device),
                 step,
             )
+
+    def _exchange(self, indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """All-gather every rank's ``(index, value)`` pairs, in rank order (a collective).
+
+        The header (see :func:`~sampleweights.distributed.exchange_header`) checks that every
+        rank makes this same update and carries the batch lengths. Bool values travel packed with
+        their index into one integer, ``2·index + value``: int32 (4 bytes per example) while
+        ``2·num_examples + 1 < 2³¹``, else int64 (8 bytes).
+        """
+        rows = exchange_header(
+            self.name,
+            OP_UPDATE,
+            run=self.num_runs + (self._run_updates == 0),
+            num_updates=self.num_updates,
+            length=indices.numel(),
+            device=indices.device,
+            group=self.process_group,
+        )
+        counts = [row[5] for row in rows]
+        if values.dtype != torch.bool:
+            gathered = all_gather_uneven([indices, values], self.process_group, counts=counts)
+            return gathered[0], gathered[1]
+        wide = torch.int32 if 2 * self.num_examples + 1 < 2**31 else torch.int64
+        packed = indices.to(wide) * 2 + values.to(wide)  # (B,)
+        (every,) = all_gather_uneven([packed], self.process_group, counts=counts)
+        every = every.to(torch.int64)
+        return every // 2, (every % 2).to(torch.bool)
 
     def _apply(self, indices: Tensor, values: Tensor, skipped: Tensor | None, step: int) -> None:
         if skipped is not None:
@@ -259,6 +330,25 @@ class Scorer(abc.ABC):
                 "the scorer with nonfinite='skip' to drop such rows (e.g. fp16 overflow steps "
                 "that GradScaler skips)."
             )
+        if (
+            self.validate
+            and not getattr(self, "_warned_probabilities", False)
+            and looks_like_probabilities(logits)
+        ):
+            # a warning, not an error: a row of real logits can sum to 1 by chance (once per
+            # scorer; the check is skipped after it). The flag is set only once the warning has
+            # been shown: under -W error it raises, rejecting this call and every such call.
+            from sampleweights.validation import warning_stacklevel
+
+            warnings.warn(
+                f"{type(self).__name__}: every row of `logits` is non-negative and sums to 1: "
+                "these look like probabilities (softmax outputs), which shrink every score. Pass "
+                "the model's raw outputs before softmax, or probs.log() if probabilities are all "
+                "you have.",
+                RuntimeWarning,
+                stacklevel=warning_stacklevel(),
+            )
+            self._warned_probabilities = True
         return indices, logits, targets
 
     def _check_indices(self, indices: Tensor) -> None:
@@ -289,6 +379,14 @@ class Scorer(abc.ABC):
         """Per-example values ``(B,)`` from validated, detached logits ``(B, C)`` (any float
         dtype) and int64 targets ``(B,)``, on the logits' device. Math in fp32."""
 
+    def _values_from(self, stats: RowStats) -> Tensor:
+        """Per-example values ``(B,)`` from a batch's shared :class:`RowStats` (the statistics a
+        :class:`~sampleweights.ScorerCollection` computes once for all its scorers).
+        ``update_indexed`` calls it too, with the batch's own ``RowStats``, so a scorer alone and
+        in a collection compute the same bits. Default: ``_values(logits, targets)``; logit
+        scorers override it to read the shared statistics."""
+        return self._values(stats.logits, stats.targets)
+
     @abc.abstractmethod
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         """Scatter ``values`` (B,) into the state at ``indices`` (B,) int64 in
@@ -301,17 +399,57 @@ class Scorer(abc.ABC):
         """Scores from the state (each tensor of ``num_examples`` entries, trash slot removed)."""
 
     # -- results -----------------------------------------------------------------------------------
-    def compute(self) -> Tensor:
+    def compute(self, *, local: bool = False) -> Tensor:
         """The score of every example: float32, shape ``(num_examples,)``; NaN = never updated.
 
-        Under ``torch.distributed`` this is a collective: call it on every rank.
+        Under ``torch.distributed`` this is a collective: call it on every rank (before
+        ``destroy_process_group``); every rank gets the merged vector. Its first collective is
+        the same small header the update exchanges start with, so ranks that are out of step
+        raise :class:`~sampleweights.DistributedMismatchError` at once instead of hanging.
+
+        Args:
+            local: return this rank's own, unmerged scores, with no collective. Without a
+                process group, a scorer whose state was updated under one (world size > 1) holds
+                only this rank's part and refuses ``compute()`` unless ``local=True``:
+                compute the merged scores before ``destroy_process_group`` (and keep them with
+                :func:`~sampleweights.save_scores`). Order-dependent scorers
+                (``ForgettingTracker``) hold the same complete state on every rank and need no
+                group.
+
+        Raises:
+            RuntimeError: the state was updated under a process group that is gone.
+            DistributedMismatchError: the ranks are out of step (see
+                :mod:`sampleweights.distributed`).
         """
         self._flush()
         state = {k: v[: self.num_examples] for k, v in self._state.items()}
         skipped_t = self._skipped
-        if is_distributed(self.process_group):
+        if local:
+            pass
+        elif is_distributed(self.process_group):
+            self._rank_updates = [
+                row[4]
+                for row in exchange_header(
+                    self.name,
+                    OP_COMPUTE,
+                    run=self.num_runs,
+                    num_updates=self.num_updates,
+                    device=self._device,
+                    group=self.process_group,
+                    require_equal_updates=self.exchanges_updates,
+                )
+            ]
             state = self._merge(state)
             skipped_t = all_reduce_copy(self._skipped, "sum", self.process_group)
+        elif self._world is not None and self._world[0] > 1 and not self.exchanges_updates:
+            size, rank = self._world
+            raise RuntimeError(
+                f"{type(self).__name__}.compute(): this state was updated on rank {rank} of a "
+                f"process group of {size}, which is no longer initialised, so it holds only "
+                "this rank's part of the scores. Call compute() on every rank before "
+                "destroy_process_group() (and keep the merged scores with sw.save_scores), or "
+                "pass compute(local=True) for this rank's own partial scores."
+            )
         scores = self._compute(state)
         if self.nonfinite == "skip":
             skipped = int(skipped_t)
@@ -333,12 +471,55 @@ class Scorer(abc.ABC):
         return merged
 
     def reset(self) -> None:
-        """Forget every update: the state returns to its declared fill values."""
+        """Forget every update and every run: the state returns to its declared fill values."""
         self._staging = None
         for name, spec in self._specs.items():
             self._state[name].fill_(spec.fill)
         self._skipped.zero_()
         self.num_updates = 0
+        self.num_runs = 0
+        self._run_updates = 0
+        self._world = None
+
+    def new_run(self) -> None:
+        """Start a new training run: the presentation order starts afresh.
+
+        Data Diet averages scores over several independently initialised training runs. Call
+        ``new_run()`` before each run (before the first too: a run without updates is not
+        counted, so repeated calls are harmless). Order-dependent scorers never compare a
+        presentation with one from an earlier run: ``ForgettingTracker`` aggregates its per-run
+        counts (``across_runs``), ``Misclassified`` keeps only the latest run. For running-mean
+        scorers (EL2N, GraNd) it only advances ``num_runs``: their mean over every update *is*
+        the mean over runs when each run presents each example equally often.
+
+        Under ``torch.distributed`` every rank calls it at the same point of the loop (it
+        communicates nothing; ``ForgettingTracker``'s next exchange checks that the ranks agree).
+
+        Example:
+            >>> import torch, sampleweights as sw
+            >>> s = sw.ForgettingTracker(1)
+            >>> right, wrong, y = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), [0]
+            >>> for run in range(2):
+            ...     s.new_run()
+            ...     s.update_indexed([0], right, y)
+            ...     s.update_indexed([0], wrong, y)     # one event per run
+            >>> s.num_runs, s.compute()                 # mean over the runs
+            (2, tensor([1.]))
+        """
+        self._flush()
+        if self._run_updates == 0:
+            return
+        self._end_run()
+        self._run_updates = 0
+
+    def _end_run(self) -> None:  # noqa: B027 - an optional hook, empty by default
+        """Close the current run (it had updates); order-dependent scorers fold their per-run
+        state here. Default: nothing (running means span runs)."""
+
+    def _begin_run(self) -> None:  # noqa: B027 - an optional hook, empty by default
+        """Called at the first update of every run after the first (on the state's device,
+        nothing in flight). Scorers that keep only the latest run clear their state here, so
+        results between ``new_run()`` and that update still show the previous run."""
 
     def to(self, device: torch.device | str) -> Scorer:
         """Move the state to ``device`` (and keep it there for later updates); returns self."""
@@ -361,8 +542,10 @@ class Scorer(abc.ABC):
         """This process's state, with what is needed to check it is loaded into the right place.
 
         Keys: ``scorer``, ``version``, ``num_examples``, ``num_updates``, ``num_skipped``,
-        ``world_size``, ``rank`` and ``state`` (name → tensor of ``num_examples`` entries, a copy).
-        Under ``torch.distributed`` this is the local (per-rank) state: save it on every rank.
+        ``num_runs``, ``run_updates`` (updates in the current run), ``world_size``, ``rank``
+        (of the process group the state was updated in) and ``state`` (name → tensor of
+        ``num_examples`` entries, a copy). Under ``torch.distributed`` this is the local
+        (per-rank) state: save it on every rank.
 
         Example:
             >>> from sampleweights import EL2N
@@ -372,13 +555,15 @@ class Scorer(abc.ABC):
             ('el2n', 10, ['count', 'sum'])
         """
         self._flush()
-        world_size, rank = world(self.process_group)
+        world_size, rank = self._world or world(self.process_group)
         return {
             "scorer": self.name,
             "version": _library_version(),
             "num_examples": self.num_examples,
             "num_updates": self.num_updates,
             "num_skipped": self._skipped.clone(),
+            "num_runs": self.num_runs,
+            "run_updates": self._run_updates,
             "world_size": world_size,
             "rank": rank,
             "state": {k: v[: self.num_examples].clone() for k, v in self._state.items()},
@@ -387,9 +572,16 @@ class Scorer(abc.ABC):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, mapped to this scorer's device.
 
+        Everything is checked before anything changes. Per-rank state (every scorer but
+        ``ForgettingTracker``, whose state is the same on every rank) resumes only on the same
+        rank of a process group of the same size: a state updated on rank 1 of 2 holds half the
+        scores. To move scores to another world size, save the merged scores with
+        :func:`~sampleweights.save_scores` and select from those.
+
         Raises:
-            StateMismatchError: the state belongs to another scorer, another dataset size, or
-                lacks a state tensor; nothing is changed.
+            StateMismatchError: the state belongs to another scorer, another dataset size,
+                another rank or world size, lacks a state tensor, or holds impossible values
+                (wrong dtypes, negative counts); nothing is changed.
         """
         if not isinstance(state_dict, dict) or "state" not in state_dict:
             raise StateMismatchError(
@@ -407,33 +599,80 @@ class Scorer(abc.ABC):
                 f"scorer has num_examples={self.num_examples}: it belongs to another dataset."
             )
         saved = state_dict["state"]
-        if set(saved) != set(self._specs):
+        if not isinstance(saved, dict) or set(saved) != set(self._specs):
+            names = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
             raise StateMismatchError(
-                f"Expected state tensors {sorted(self._specs)}, but the state has {sorted(saved)}."
+                f"Expected state tensors {sorted(self._specs)}, but the state has {names}."
             )
         for name, tensor in saved.items():
+            spec = self._specs[name]
             if not isinstance(tensor, Tensor) or tuple(tensor.shape) != (self.num_examples,):
                 raise StateMismatchError(
                     f"State {name!r} must be a tensor of shape ({self.num_examples},), but got "
                     f"{getattr(tensor, 'shape', type(tensor).__name__)}."
                 )
-        world_size, rank = world(self.process_group)
-        self._staging = None  # a batch in flight belongs to the state being replaced
-        if state_dict.get("world_size", 1) != world_size or state_dict.get("rank", 0) != rank:
-            warnings.warn(
-                f"Loading the state of rank {state_dict.get('rank')} of a world of "
-                f"{state_dict.get('world_size')} into rank {rank} of {world_size}: per-rank states "
-                "resume only on the same world size. To move scores to another world size, "
-                "save the merged scores with sw.save_scores and select from those.",
-                RuntimeWarning,
-                stacklevel=2,
+            if tensor.dtype != spec.dtype:
+                raise StateMismatchError(
+                    f"State {name!r} must have dtype {spec.dtype}, but got {tensor.dtype}: it "
+                    f"was not saved by this version of {type(self).__name__}."
+                )
+            if spec.nonnegative and tensor.numel() and bool((tensor < 0).any()):
+                raise StateMismatchError(
+                    f"State {name!r} holds counts, which must be >= 0, but has "
+                    f"{int((tensor < 0).sum())} negative entries (min {int(tensor.min())})."
+                )
+        num_updates = _saved_count(state_dict, "num_updates", 0)
+        num_runs = _saved_count(state_dict, "num_runs", 1 if num_updates else 0)
+        run_updates = _saved_count(state_dict, "run_updates", num_updates)
+        skipped = state_dict.get("num_skipped", 0)
+        if isinstance(skipped, Tensor) and skipped.numel() == 1 and not skipped.is_floating_point():
+            skipped = int(skipped)
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise StateMismatchError(
+                f"Expected 'num_skipped' to be a count >= 0 (an int or a one-element integer "
+                f"tensor), but got {skipped!r}."
             )
+        if run_updates > num_updates or num_runs > num_updates or (num_updates and not num_runs):
+            raise StateMismatchError(
+                f"Expected 0 <= run_updates <= num_updates and 1 <= num_runs <= num_updates "
+                f"(or all 0), but got num_updates={num_updates}, num_runs={num_runs}, "
+                f"run_updates={run_updates}."
+            )
+        saved_world = (
+            _saved_count(state_dict, "world_size", 1),
+            _saved_count(state_dict, "rank", 0),
+        )
+        here = world(self.process_group)
+        if num_updates and saved_world != here and not self.exchanges_updates:
+            raise StateMismatchError(
+                f"This state was updated on rank {saved_world[1]} of a process group of "
+                f"{saved_world[0]}; this scorer is rank {here[1]} of {here[0]}. Per-rank states "
+                "resume only on the same rank of a group of the same size (load each rank's own "
+                "state_dict). To move scores to another world size, save the merged scores "
+                "(compute() on every rank) with sw.save_scores and select from those."
+            )
+        problem = self._check_loaded(
+            {k: v for k, v in saved.items()}, num_updates=num_updates, run_updates=run_updates
+        )
+        if problem is not None:
+            raise StateMismatchError(problem)
+        self._staging = None  # a batch in flight belongs to the state being replaced
         for name, tensor in saved.items():
             dst = self._state[name]
-            dst[: self.num_examples].copy_(tensor.to(dst.dtype))
+            dst[: self.num_examples].copy_(tensor)
             dst[self.num_examples] = self._specs[name].fill
-        self._skipped.fill_(int(state_dict.get("num_skipped", 0)))
-        self.num_updates = int(state_dict.get("num_updates", 0))
+        self._skipped.fill_(skipped)
+        self.num_updates = num_updates
+        self.num_runs = num_runs
+        self._run_updates = run_updates
+        self._world = saved_world if num_updates else None
+
+    def _check_loaded(
+        self, state: dict[str, Tensor], *, num_updates: int, run_updates: int
+    ) -> str | None:
+        """Scorer-specific consistency check of a state about to be loaded: a message saying
+        what is wrong, or None. Runs before anything changes."""
+        return None
 
     def __repr__(self) -> str:
         return (
@@ -445,22 +684,86 @@ class Scorer(abc.ABC):
 class RunningMeanScorer(Scorer):
     """A scorer whose score is the mean over presentations of a per-example value.
 
-    State: an fp64 sum and an int32 count per example (12 bytes). Subclasses write ``_values``.
+    Subclasses write ``_values`` (and ``_values_from``). Two reductions:
+
+    * ``ema=None`` (default): the plain mean over every presentation. State: an fp64 sum and an
+      int32 count per example (12 bytes).
+    * ``ema=β`` with ``β`` in (0, 1): the bias-corrected exponential moving average over the
+      example's own presentations, for in-loop use where old epochs should fade. After
+      presentations with values ``v_1 … v_n`` (oldest first) the score is
+
+      ``Σ_k β^(n−k) v_k / Σ_k β^(n−k)`` = Adam's ``m_n / (1 − β^n)`` for ``m_k = β m_{k−1} +
+      (1 − β) v_k``, so the first presentation's value is the score after one presentation
+      (no bias towards 0), and a value ``j`` presentations old weighs ``β^j`` relative to the
+      newest. Time is counted in presentations of that example, not in updates: an example
+      unseen for a while keeps its score. Duplicates in one update are consecutive
+      presentations in batch order. State: an fp64 weighted sum and an fp64 total weight per
+      example (16 bytes). The average depends on the order of presentations, so under
+      ``torch.distributed`` each update exchanges the batch's (index, value) pairs (like
+      :class:`~sampleweights.ForgettingTracker`): every rank must call ``update`` equally often,
+      and the state is identical on every rank.
+
+    Raises:
+        TypeError, ValueError: ``ema`` not a float in (0, 1).
     """
 
-    def __init__(self, num_examples: int, **kwargs: Any) -> None:
+    def __init__(self, num_examples: int, *, ema: float | None = None, **kwargs: Any) -> None:
+        if ema is not None:
+            if isinstance(ema, bool) or not isinstance(ema, int | float):
+                raise TypeError(
+                    f"Expected `ema` to be None or a decay (float) in (0, 1), but got "
+                    f"{type(ema).__name__}."
+                )
+            if not 0.0 < float(ema) < 1.0:
+                raise ValueError(
+                    f"Expected `ema` to be a decay in (0, 1) (e.g. 0.9: a presentation k steps "
+                    f"old weighs 0.9^k), or None for the plain mean, but got {ema!r}."
+                )
         super().__init__(num_examples, **kwargs)
-        self.add_state("sum", torch.float64, 0.0)
-        self.add_state("count", torch.int32, 0)
+        self.ema: float | None = None if ema is None else float(ema)
+        if self.ema is None:
+            self.add_state("sum", torch.float64, 0.0)
+            self.add_state("count", torch.int32, 0)
+        else:
+            # order-dependent: every rank applies the global batch; state replicated
+            self.exchanges_updates = True  # type: ignore[misc]
+            self.add_state("ema_sum", torch.float64, 0.0, reduce=None)
+            self.add_state("ema_weight", torch.float64, 0.0, reduce=None)
 
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
-        self._state["sum"].index_add_(0, indices, values.to(torch.float64))
-        self._state["count"].index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+        if self.ema is None:
+            self._state["sum"].index_add_(0, indices, values.to(torch.float64))
+            self._state["count"].index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+            return
+        # r presentations of one index in this batch, values v_1 … v_r in batch order:
+        # S ← β^r S + Σ_k β^(r−k) v_k, W ← β^r W + Σ_k β^(r−k)
+        decay = torch.tensor(self.ema, dtype=torch.float64, device=indices.device)
+        sorted_idx, order, is_last = last_occurrence(indices)
+        size = len(sorted_idx)
+        position = torch.arange(size, device=indices.device)
+        first = torch.ones_like(is_last)
+        first[1:] = is_last[:-1]  # a group (one index) starts after the previous one's last
+        start = torch.cummax(torch.where(first, position, 0), 0).values  # (B,) its group's first
+        end = torch.where(is_last, position, size).flip(0).cummin(0).values.flip(0)  # … last row
+        weight = decay.pow((end - position).to(torch.float64))  # β^(presentations after it)
+        fade = decay.pow((end - start + 1).to(torch.float64))  # β^r, r = the group's size
+        slot = torch.where(is_last, sorted_idx, self.num_examples)  # each index once; rest: trash
+        for name, add in (
+            ("ema_sum", weight * values[order].to(torch.float64)),
+            ("ema_weight", weight),
+        ):
+            state = self._state[name]
+            state.index_copy_(0, slot, state[slot] * fade)
+            state.index_add_(0, sorted_idx, add)
 
     def _compute(self, state: dict[str, Tensor]) -> Tensor:
-        count = state["count"]
-        mean = state["sum"] / count.clamp_min(1)
-        return torch.where(count > 0, mean, torch.nan).to(torch.float32)
+        if self.ema is None:
+            count = state["count"]
+            mean = state["sum"] / count.clamp_min(1)
+            return torch.where(count > 0, mean, torch.nan).to(torch.float32)
+        weight = state["ema_weight"]
+        average = state["ema_sum"] / torch.where(weight > 0, weight, 1.0)
+        return torch.where(weight > 0, average, torch.nan).to(torch.float32)
 
 
 def last_occurrence(indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -474,3 +777,14 @@ def last_occurrence(indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     is_last = torch.ones_like(sorted_indices, dtype=torch.bool)
     is_last[:-1] = sorted_indices[1:] != sorted_indices[:-1]
     return sorted_indices, order, is_last
+
+
+def _saved_count(state_dict: dict[str, Any], key: str, default: int) -> int:
+    """An int >= 0 stored under ``key`` of a saved state (``default`` when absent)."""
+    value = state_dict.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StateMismatchError(
+            f"Expected {key!r} in the state to be an int >= 0, but got {value!r} "
+            f"({type(value).__name__})."
+        )
+    return value

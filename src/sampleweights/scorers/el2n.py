@@ -13,10 +13,15 @@ where the tempting ``Σp² − 2p_y + 1`` cancels catastrophically (absolute err
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from sampleweights.scorers.base import RunningMeanScorer
+
+if TYPE_CHECKING:
+    from sampleweights.scorers.rowstats import RowStats
 
 __all__ = ["EL2N", "el2n"]
 
@@ -83,3 +88,6 @@ class EL2N(RunningMeanScorer):
 
     def _values(self, logits: Tensor, targets: Tensor) -> Tensor:
         return el2n(logits, targets)
+
+    def _values_from(self, stats: RowStats) -> Tensor:
+        return stats.el2n  # el2n(logits, targets), computed once per batch in a collection

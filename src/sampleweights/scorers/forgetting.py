@@ -1,22 +1,27 @@
 """Forgetting events (Toneva et al., "An Empirical Study of Example Forgetting during Deep
-Neural Network Learning", ICLR 2019).
+Neural Network Learning", ICLR 2019), within one training run and aggregated over several.
 
 An example is *forgotten* once each time it is classified correctly at one presentation and
-incorrectly at the next presentation of the same example. Examples never classified correctly
-rank as the most forgettable (the paper counts them as having infinitely many events): their
-score is ``+inf``. Unseen examples are NaN.
+incorrectly at the next presentation of the same example in the same run. Examples never
+classified correctly rank as the most forgettable: their score is ``+inf``. Unseen examples are
+NaN.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from sampleweights.scorers.base import Scorer, last_occurrence
+from sampleweights.scorers.rowstats import RowStats
 
-__all__ = ["ForgettingTracker"]
+__all__ = ["AcrossRuns", "ForgettingTracker"]
+
+AcrossRuns = Literal["mean", "sum"]
+_ACROSS_RUNS: tuple[str, ...] = ("mean", "sum")
+_MAX_RUNS = torch.iinfo(torch.int16).max  # per-example run counters are int16
 
 
 class ForgettingTracker(Scorer):
@@ -33,13 +38,43 @@ class ForgettingTracker(Scorer):
     consecutive presentations in batch order: the later one is compared with the earlier one,
     and the last one is what the next update is compared with.
 
-    State: 13 bytes per example (last correctness as bool, int32 counts of presentations,
-    correct presentations and events).
+    **Several runs.** Call :meth:`new_run` before each training run: the first presentation of
+    a run is never compared with the end of the previous run (a freshly initialised model). The
+    per-run scores combine by ``across_runs``:
+
+    * ``"mean"`` (default) — Data Diet (Paul et al. 2021, ``scripts/get_mean_score.py``): each
+      run's score saved with ``never_correct`` examples set to ``inf``, then ``np.mean`` over the
+      runs. So an example never learned in *any* run that presented it scores ``+inf``; the
+      others score their mean number of events over the runs that presented them (Data Diet
+      presents every example in every run: the same divisor).
+    * ``"sum"`` — Toneva et al. (``order_examples_by_forgetting.py``,
+      ``sort_examples_by_forgetting``): the sum of the runs' counts, where a run that never
+      learned the example adds its number of presentations in that run (their code adds
+      ``npresentations``, the number of epochs: one presentation per epoch). An example never
+      learned in any run scores ``+inf`` (as with one run), which ranks it first just as
+      Toneva's maximal count does.
+
+    With one run both equal the single-run counts.
+
+    State: 18 bytes per example — this run's last correctness and "learned" (2 bools),
+    presentations and events (2 × int32); over the finished runs a total (int32) and the numbers
+    of runs that presented and that never learned the example (2 × int16, so at most 32767
+    runs).
 
     Under ``torch.distributed`` each ``update`` exchanges the batch's ``(index, correct)`` pairs
-    (≈9 bytes per example, two small all-gathers and one host sync), so every rank must call
-    ``update`` equally often — true with sampleweights' samplers; a rank that stops early makes
-    the others wait. The state is then the same on every rank.
+    packed into one int32 per example (4 bytes per example while ``num_examples < 2**30``, else
+    8; one small header all-gather that carries the batch lengths, one data all-gather, one host
+    sync), so the state is the same on every rank — and ``compute()`` works even after
+    ``destroy_process_group``. Every rank must call ``update`` (and :meth:`new_run`) equally
+    often — true with sampleweights' samplers (``pad=True``); a rank with no batch for a step
+    calls ``update_indexed`` with an empty batch. Otherwise every rank raises
+    :class:`~sampleweights.DistributedMismatchError` at the first collective where the ranks
+    disagree, naming each rank's update count, instead of hanging.
+
+    Args:
+        num_examples: ``len(dataset)``.
+        across_runs: ``"mean"`` or ``"sum"``, see above.
+        **kwargs: as :class:`~sampleweights.Scorer` (``device``, ``nonfinite``, ...).
 
     Example:
         >>> import torch
@@ -56,16 +91,30 @@ class ForgettingTracker(Scorer):
     name = "forgetting"
     exchanges_updates = True
 
-    def __init__(self, num_examples: int, **kwargs: Any) -> None:
+    def __init__(self, num_examples: int, *, across_runs: AcrossRuns = "mean", **kwargs: Any):
+        if across_runs not in _ACROSS_RUNS:
+            raise ValueError(
+                f"Expected `across_runs` in {list(_ACROSS_RUNS)} (Data Diet's mean over runs or "
+                f"Toneva et al.'s sum), but got {across_runs!r}."
+            )
         super().__init__(num_examples, **kwargs)
+        self.across_runs: AcrossRuns = across_runs
         # replicated on every rank (each update applies the global batch): no reduction
+        # -- the current run
         self.add_state("last_correct", torch.bool, False, reduce=None)
+        self.add_state("learned", torch.bool, False, reduce=None)
         self.add_state("presentations", torch.int32, 0, reduce=None)
-        self.add_state("correct", torch.int32, 0, reduce=None)
         self.add_state("events", torch.int32, 0, reduce=None)
+        # -- finished runs: Σ (events, or presentations if never learned); runs seen / unlearned
+        self.add_state("runs_total", torch.int32, 0, reduce=None)
+        self.add_state("runs_seen", torch.int16, 0, reduce=None)
+        self.add_state("runs_unlearned", torch.int16, 0, reduce=None)
 
     def _values(self, logits: Tensor, targets: Tensor) -> Tensor:
         return logits.argmax(dim=1) == targets  # (B,) correct
+
+    def _values_from(self, stats: RowStats) -> Tensor:
+        return stats.correct  # the same argmax == targets, shared in a collection
 
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         sorted_idx, order, is_last = last_occurrence(indices)
@@ -76,19 +125,58 @@ class ForgettingTracker(Scorer):
         prev_in_batch = torch.zeros_like(now)
         prev_in_batch[1:] = now[:-1]
         prev = torch.where(same_as_prev, prev_in_batch, self._state["last_correct"][sorted_idx])
-        # A stored last_correct is False until the first presentation, so no event is counted
-        # for a first presentation.
+        # A stored last_correct is False until the first presentation of the run, so no event is
+        # counted for a first presentation (nor against the previous run).
         forgotten = prev & ~now
         ones = torch.ones_like(sorted_idx, dtype=torch.int32)
         self._state["events"].index_add_(0, sorted_idx, forgotten.to(torch.int32))
-        self._state["correct"].index_add_(0, sorted_idx, now.to(torch.int32))
         self._state["presentations"].index_add_(0, sorted_idx, ones)
+        # learned |= now: correct rows set True, the others go to the trash slot
+        self._state["learned"].index_fill_(0, torch.where(now, sorted_idx, self.num_examples), True)
         # only each index's last presentation is remembered; the others go to the trash slot
         last_slot = torch.where(is_last, sorted_idx, self.num_examples)
         self._state["last_correct"].index_copy_(0, last_slot, now)
 
+    @staticmethod
+    def _with_current_run(state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(total, runs seen, runs never learned), the current run folded in (int64)."""
+        seen_now = state["presentations"] > 0
+        unlearned_now = seen_now & ~state["learned"]
+        this_run = torch.where(unlearned_now, state["presentations"], state["events"])
+        total = state["runs_total"].to(torch.int64) + this_run
+        seen = state["runs_seen"].to(torch.int64) + seen_now
+        unlearned = state["runs_unlearned"].to(torch.int64) + unlearned_now
+        return total, seen, unlearned
+
+    def _end_run(self) -> None:
+        if self.num_runs >= _MAX_RUNS:
+            raise RuntimeError(
+                f"ForgettingTracker counts runs per example in int16: at most {_MAX_RUNS} runs, "
+                f"and {self.num_runs} have been tracked. Save the scores and start a new tracker."
+            )
+        total, seen, unlearned = self._with_current_run(self._state)
+        self._state["runs_total"].copy_(total)
+        self._state["runs_seen"].copy_(seen)
+        self._state["runs_unlearned"].copy_(unlearned)
+        for name in ("last_correct", "learned", "presentations", "events"):
+            self._state[name].fill_(self._specs[name].fill)
+
     def _compute(self, state: dict[str, Tensor]) -> Tensor:
-        events = state["events"].to(torch.float32)
-        never_learned = (state["correct"] == 0) & (state["presentations"] > 0)
-        events = torch.where(never_learned, torch.inf, events)
-        return torch.where(state["presentations"] > 0, events, torch.nan)
+        total, seen, unlearned = self._with_current_run(state)
+        if self.across_runs == "mean":
+            never = unlearned > 0  # np.mean over runs with an inf
+            score = total.to(torch.float64) / seen.clamp_min(1)
+        else:
+            never = unlearned == seen  # never learned in any run
+            score = total.to(torch.float64)
+        score = torch.where(never, torch.inf, score)
+        return torch.where(seen > 0, score, torch.nan).to(torch.float32)
+
+    def _check_loaded(
+        self, state: dict[str, Tensor], *, num_updates: int, run_updates: int
+    ) -> str | None:
+        if bool((state["runs_unlearned"] > state["runs_seen"]).any()):
+            return "State 'runs_unlearned' exceeds 'runs_seen' for some examples: it is corrupt."
+        if run_updates == 0 and bool((state["presentations"] > 0).any()):
+            return "The state has presentations in the current run but run_updates=0."
+        return None

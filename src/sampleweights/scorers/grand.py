@@ -9,7 +9,9 @@ and never a silently partial sum over some layers.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+import warnings
+import weakref
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, Literal, get_args
 
 import torch
@@ -24,14 +26,24 @@ from sampleweights.data import (
     model_device,
     move_to_device,
 )
-from sampleweights.pergrad import BatchCoupledError, LossFn, hooks_sq_norms, vmap_sq_norms
+from sampleweights.pergrad import (
+    BatchCoupledError,
+    LossFn,
+    PerExampleGradientError,
+    exact_sq_norms,
+    hooks_sq_norms,
+    loop_sq_norms,
+    vmap_sq_norms,
+)
+from sampleweights.pergrad.exact import _signature
+from sampleweights.pergrad.vmap import _first_line
 from sampleweights.scorers.base import NonFinite, RunningMeanScorer
-from sampleweights.scorers.passes import eval_mode, unwrap_model
+from sampleweights.scorers.passes import model_mode, unwrap_model
 from sampleweights.validation import as_index_tensor
 
 __all__ = ["Engine", "GraNd", "Mode"]
 
-Engine = Literal["auto", "hooks", "vmap"]
+Engine = Literal["auto", "hooks", "vmap", "loop"]
 Mode = Literal["eval", "train"]
 _ENGINES: tuple[str, ...] = get_args(Engine)
 _MODES: tuple[str, ...] = get_args(Mode)
@@ -68,19 +80,47 @@ class GraNd(RunningMeanScorer):
     """GraNd scores: the running mean of ``‖∇_θ loss(example)‖₂`` per example.
 
     GraNd takes no logits: ``update(batch)`` runs its own forward and backward on the batch, in
-    eval mode by default (each module's flag restored afterwards), and leaves the model's
-    ``.grad``, hooks and modes as they were. Use :func:`~sampleweights.score_dataset` for the Data
-    Diet flow (score a checkpoint or the initialisation; several seeds average in the running
-    mean).
+    its ``mode`` (eval by default; each module's flag restored afterwards, also inside
+    :func:`~sampleweights.score_dataset`), and leaves the model's ``.grad``, hooks, modes and
+    weights as they were. Use :func:`~sampleweights.score_dataset` for the Data Diet flow (score a
+    checkpoint or the initialisation; several seeds average in the running mean).
 
     Engines, one answer:
 
     * ``"vmap"`` — ``torch.func`` ``vmap(grad)``; general; memory ``chunk_size × parameters``.
+      An error (:class:`~sampleweights.pergrad.PerExampleGradientError`) on what ``torch.func``
+      cannot transform: ``nn.GRU``/``nn.LSTM``, backward hooks, reentrant checkpointing,
+      data-dependent control flow (``F.one_hot``, ``mask.all()`` checks as in Hugging Face
+      models), ``nn.Embedding(max_norm=…)``, strings in a dict batch.
     * ``"hooks"`` — per-layer formulas from one backward, never building per-example gradients
-      (Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, BatchNorm in eval); an error for
-      parameters no rule covers.
-    * ``"auto"`` (default) — hooks where a rule covers a parameter, ``vmap`` for the rest (e.g.
-      ``nn.MultiheadAttention``'s projections, tied weights, modules called twice).
+      (Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, BatchNorm in eval). A layer's rule is
+      used only where its rows are provably the batch's examples in order: shape checks on every
+      call (input, output, gradient lead with ``B``; rule results are ``(B,)``), and, on the
+      first batch of each input signature with ``B ≥ 2``, a probe on the batch rolled by one and
+      on its first half (two more passes; cached) that rejects sequence-first ``(T, B, …)``
+      layers, batch-1 inputs broadcast over the batch, reorderings inside ``forward``, routed
+      subsets and flattened views (see :mod:`sampleweights.pergrad.hooks`). An error, saying
+      why for each, for parameters no rule covers that way.
+    * ``"loop"`` — plain autograd, one example at a time (a forward and a backward on a batch of
+      one per example): slow (tens of times ``vmap`` on small models, see docs/performance.md)
+      but fails only where ordinary training would.
+    * ``"auto"`` (default) — hooks where a rule covers a parameter, exact for the rest (e.g.
+      ``nn.MultiheadAttention``'s projections, tied weights, recurrent layers): ``vmap``, or the
+      loop where ``vmap`` fails (a warning says so, once per model and batch structure; ``vmap``
+      is not retried on later batches of that structure). Where the hooks pass itself fails
+      (reentrant checkpointing refuses its ``autograd.grad``), every parameter goes to the exact
+      engines, decided the same way. Exact on every model plain autograd can differentiate.
+
+    **Train mode.** ``mode="train"`` puts every module in train mode for GraNd's pass (BatchNorm
+    in train mode is then a :class:`~sampleweights.pergrad.BatchCoupledError`: batch statistics
+    couple the examples). With dropout it scores the dropped-out network: each example's gradient
+    is taken under its own dropout mask, ``‖∇θ ℓ(f(x_b; θ, m_b), y_b)‖`` with a fresh ``m_b`` per
+    example and per update — a random quantity whose running mean over updates also averages the
+    masks. The engines draw the masks differently (one batched draw for ``"hooks"``, per-example
+    draws for ``"vmap"`` and ``"loop"``; under ``"auto"`` the fallback's parameters see another
+    draw than the hooked layers'), so they agree in distribution, not value by value; ``"loop"``
+    equals a one-example-at-a-time training-mode backward under the same random state. With
+    dropout ``p = 0`` train mode equals eval mode.
 
     Args:
         model: the model; a DDP/DataParallel wrapper is scored through ``.module`` (no gradient
@@ -88,13 +128,18 @@ class GraNd(RunningMeanScorer):
             ``torch.compile`` pass the original module (``compiled._orig_mod``).
         num_examples: ``len(dataset)``.
         loss_fn: ``loss_fn(output, targets) -> (B,)`` per-example losses (no mean!); default
-            cross-entropy in fp32. A mean-reduced loss would scale every norm by 1/B.
-        engine: ``"auto"``, ``"hooks"`` or ``"vmap"``.
+            cross-entropy in fp32. A mean-reduced loss would scale every norm by 1/B. The default
+            loss requires integer class targets ≥ 0 (checked with ``validate``, since
+            cross-entropy silently ignores ``-100``); a custom ``loss_fn`` receives the targets as
+            given — any tensor with one row per example (``-100`` ignore labels, float
+            regression targets) — and judges them itself.
+        engine: ``"auto"``, ``"hooks"``, ``"vmap"`` or ``"loop"``.
         params: the parameters to score: names (as in ``named_parameters()``) or ``Parameter``
             objects; default every parameter with ``requires_grad``. ``params`` of the last
             layer is DeepCore's cheap approximation; it ranks differently from the exact score.
         forward: ``forward(model, batch) -> output``; default as in ``score_dataset``.
-        mode: ``"eval"`` (default) or ``"train"``; train mode with BatchNorm is an error (batch
+        mode: ``"eval"`` (default) or ``"train"``: the mode every module is put in for GraNd's
+            own pass (see *Train mode* above); train mode with BatchNorm is an error (batch
             statistics couple the examples: there is no per-example gradient).
         chunk_size: examples per ``vmap`` call (default: ~512 MiB of gradients).
         device, nonfinite, layout, validate, process_group: see :class:`~sampleweights.Scorer`.
@@ -156,6 +201,7 @@ class GraNd(RunningMeanScorer):
             raise TypeError("Expected `loss_fn` to be callable: loss_fn(output, targets) -> (B,).")
         self.model = unwrap_model(model)
         self.loss_fn: LossFn = loss_fn or cross_entropy_fp32
+        self._class_targets = loss_fn is None  # the default loss takes class indices ≥ 0
         self.engine: Engine = engine
         self.mode: Mode = mode
         self.chunk_size = chunk_size
@@ -250,7 +296,11 @@ class GraNd(RunningMeanScorer):
             )
 
     def _score(self, indices: Tensor, batch: Any, targets: Any, forward: Forward) -> None:
-        targets = as_index_tensor(targets, "targets")
+        targets = (
+            as_index_tensor(targets, "targets")
+            if self._class_targets
+            else _as_loss_targets(targets)
+        )
         if indices.shape[0] != targets.shape[0]:
             raise ValueError(
                 f"Expected one index per target, but got {indices.shape[0]} indices and "
@@ -258,8 +308,12 @@ class GraNd(RunningMeanScorer):
             )
         if self.validate:
             self._check_indices(indices)
-            if targets.numel() and int(targets.min()) < 0:
-                raise ValueError(f"Expected `targets` ≥ 0, but got {int(targets.min())}.")
+            if self._class_targets and targets.numel() and int(targets.min()) < 0:
+                raise ValueError(
+                    f"Expected `targets` ≥ 0 (class indices for the default cross-entropy), but "
+                    f"got {int(targets.min())}; for ignore labels (-100) or other targets pass "
+                    "your own loss_fn, which receives the targets as given."
+                )
         sq = self._sq_norms(batch, targets, forward)
         if sq.shape != (indices.shape[0],):
             raise ValueError(
@@ -279,25 +333,36 @@ class GraNd(RunningMeanScorer):
         model = self.model
         device = model_device(model)
         targets = targets.to(device, non_blocking=True)
-        mode = eval_mode(model) if self.mode == "eval" else contextlib.nullcontext(model)
         named = dict(model.named_parameters())
-        with mode, _requiring_grad([named[n] for n in self.param_names]):
+        names = self.param_names
+        scored = [named[n] for n in names]
+        with (
+            model_mode(model, train=self.mode == "train"),
+            _requiring_grad(scored),
+            _renormed_weights_restored(model),
+        ):
             _check_batch_coupling(model)
+            if targets.shape[0] == 0:  # an empty batch (a pad=False shard's last): nothing to do
+                dtype = torch.float64 if scored[0].dtype == torch.float64 else torch.float32
+                return torch.zeros(0, dtype=dtype, device=device)
             loss_fn = _checked_loss(self.loss_fn)
+            args = (model, names, batch, targets, forward, loss_fn)
             if self.engine == "vmap":
-                return vmap_sq_norms(
-                    model, self.param_names, batch, targets, forward, loss_fn, self.chunk_size
-                )
-            return hooks_sq_norms(
-                model,
-                self.param_names,
-                batch,
-                targets,
-                forward,
-                loss_fn,
-                strict=self.engine == "hooks",
-                chunk_size=self.chunk_size,
-            )
+                return vmap_sq_norms(*args, self.chunk_size)
+            if self.engine == "loop":
+                return loop_sq_norms(*args)
+            if self.engine == "hooks":
+                try:
+                    return hooks_sq_norms(*args, strict=True, chunk_size=self.chunk_size)
+                except RuntimeError as err:
+                    if isinstance(err, PerExampleGradientError | BatchCoupledError):
+                        raise
+                    raise PerExampleGradientError(
+                        f"GraNd's hooks engine failed on this {type(model).__name__}: "
+                        f"{_first_line(err)}. Use engine='auto' (it falls back to the exact "
+                        "engines) or engine='loop'."
+                    ) from err
+            return _auto_sq_norms(*args, self.chunk_size)
 
     def _values(self, logits: Tensor, targets: Tensor) -> Tensor:
         raise TypeError("GraNd scores with the model: call update(batch) or update_indexed().")
@@ -307,6 +372,68 @@ class GraNd(RunningMeanScorer):
             f"GraNd(num_examples={self.num_examples}, engine={self.engine!r}, "
             f"params={len(self.param_names)}, num_updates={self.num_updates})"
         )
+
+
+# model → {(parameters, mode, batch structure): why the hooks pass failed}
+_HOOKS_FAILED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _auto_sq_norms(
+    model: nn.Module,
+    names: list[str],
+    batch: Any,
+    targets: Tensor,
+    forward: Forward,
+    loss_fn: LossFn,
+    chunk_size: int | None,
+) -> Tensor:
+    """``engine="auto"``: the hooks engine with the exact fallback for what it does not cover —
+    and, where the hooks pass itself fails with an autograd error (e.g. reentrant checkpointing,
+    which refuses ``autograd.grad``), the exact engine for every parameter. That decision is
+    remembered per model and batch structure, like the ``vmap`` one."""
+    args = (model, names, batch, targets, forward, loss_fn)
+    key = (tuple(names), model.training, _signature(batch, targets.shape[0]), targets.dtype)
+    failed = _HOOKS_FAILED.get(model)
+    if failed is not None and key in failed:
+        return exact_sq_norms(*args, chunk_size)
+    try:
+        return hooks_sq_norms(*args, strict=False, chunk_size=chunk_size)
+    except RuntimeError as err:
+        if isinstance(err, PerExampleGradientError | BatchCoupledError):
+            raise  # the exact fallback's own verdict, or a configuration error
+        hooks_error = err
+    result = exact_sq_norms(*args, chunk_size)  # its errors are the authoritative ones
+    why = _first_line(hooks_error)
+    _HOOKS_FAILED.setdefault(model, {})[key] = why
+    warnings.warn(
+        f"GraNd: the hooks engine failed on this {type(model).__name__} ({why}); every "
+        "parameter is scored by the exact engines instead (vmap, or one example at a time). "
+        "Decided once for this model and batch structure.",
+        UserWarning,
+        stacklevel=2,
+    )
+    return result
+
+
+def _as_loss_targets(targets: Any) -> Tensor:
+    """Targets for a custom ``loss_fn``: any tensor (or array) with one row per example."""
+    if isinstance(targets, Tensor):
+        tensor = targets
+    else:
+        try:
+            tensor = torch.as_tensor(targets)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                "Expected `targets` to be a tensor (or array) with one row per example for the "
+                f"custom loss_fn, but got {type(targets).__name__}."
+            ) from err
+    if tensor.dim() == 0:
+        raise ValueError(
+            "Expected `targets` with one row per example (at least 1-D), but got a 0-d tensor."
+        )
+    return tensor
 
 
 def _checked_loss(loss_fn: LossFn) -> LossFn:
@@ -333,6 +460,26 @@ def _requiring_grad(params: list[nn.Parameter]) -> Any:
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _renormed_weights_restored(model: nn.Module) -> Any:
+    """Put back the weights that ``nn.Embedding(max_norm=…)`` renormalises in place during the
+    forward, so scoring leaves the model's weights as they were (the scored gradient is the one
+    at the renormalised rows, as in a training step)."""
+    renormed = [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.max_norm is not None
+    ]
+    saved = [w.detach().clone() for w in renormed]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for w, value in zip(renormed, saved, strict=True):
+                if not torch.equal(w, value):
+                    w.copy_(value)
 
 
 def _check_batch_coupling(model: nn.Module) -> None:

@@ -11,8 +11,9 @@ from torch import nn
 
 from sampleweights.data import Forward, default_forward, logits_of
 from sampleweights.scorers.base import Scorer
+from sampleweights.scorers.collection import ScorerCollection
 
-__all__ = ["eval_mode", "score_dataset", "unwrap_model"]
+__all__ = ["eval_mode", "model_mode", "score_dataset", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -43,9 +44,27 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         >>> net.training, net[1].training
         (True, False)
     """
+    with model_mode(model, train=False):
+        yield model
+
+
+@contextlib.contextmanager
+def model_mode(model: nn.Module, *, train: bool) -> Iterator[nn.Module]:
+    """Put every module of ``model`` in train (``train=True``) or eval mode; restore each
+    module's own flag afterwards (GraNd's ``mode``; :func:`eval_mode` is ``train=False``).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout()).eval()
+        >>> with model_mode(net, train=True):
+        ...     net[1].training
+        True
+        >>> net.training, net[1].training
+        (False, False)
+    """
     flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        model.train(train)
         yield model
     finally:
         for module, flag in flags:
@@ -55,7 +74,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def score_dataset(
     model: nn.Module,
     loader: Iterable[Any],
-    *scorers: Scorer,
+    *scorers: Scorer | ScorerCollection,
     forward: Forward | None = None,
     progress: bool = True,
 ) -> None:
@@ -63,8 +82,9 @@ def score_dataset(
 
     One forward without autograd per batch feeds every scorer that needs only logits (EL2N,
     ForgettingTracker, Misclassified); scorers that need the model itself (``GraNd``) run their
-    own grad-enabled pass on the same batch. Afterwards the model is as it was: each module's
-    train/eval flag, its parameters, their ``.grad`` and its hooks.
+    own grad-enabled pass on the same batch, in their own ``mode`` (``GraNd(mode="train")``
+    scores in train mode here too). Afterwards the model is as it was: each module's train/eval
+    flag, its parameters, their ``.grad`` and its hooks.
 
     Call ``compute()`` on the scorers for the scores. Under ``torch.distributed`` give each rank
     its shard (e.g. ``PrunedSampler(range(N), shuffle=False, pad=False)``) and call
@@ -74,7 +94,8 @@ def score_dataset(
     Args:
         model: the model (a DDP/DataParallel wrapper is unwrapped: no gradient sync happens).
         loader: batches as a DataLoader over :class:`~sampleweights.WithIndex` yields them.
-        *scorers: one or more scorers.
+        *scorers: one or more scorers (a :class:`~sampleweights.ScorerCollection` counts as one
+            logit scorer: one shared read of each batch).
         forward: ``forward(model, batch) -> output`` (output: logits tensor, or a dict/object
             with ``logits``). Default: ``model(batch[0])`` for tuple batches,
             ``model(**inputs)`` for dict batches, inputs moved to the model's device.
@@ -101,13 +122,13 @@ def score_dataset(
     if not scorers:
         raise TypeError("score_dataset needs at least one scorer, e.g. sw.EL2N(len(dataset)).")
     for s in scorers:
-        if not isinstance(s, Scorer):
+        if not isinstance(s, Scorer | ScorerCollection):
             raise TypeError(
                 f"Expected scorers (sw.EL2N, sw.GraNd, ...), but got {type(s).__name__}."
             )
     model = unwrap_model(model)
     logit_scorers = [s for s in scorers if not s.requires_model]
-    model_scorers = [s for s in scorers if s.requires_model]
+    model_scorers = [s for s in scorers if isinstance(s, Scorer) and s.requires_model]
     for s in model_scorers:
         s._check_model(model)
 

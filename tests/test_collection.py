@@ -1,0 +1,229 @@
+"""ScorerCollection: one read of the batch, shared statistics, the same bits as separate scorers."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.data import DataLoader, TensorDataset
+
+import sampleweights as sw
+from sampleweights.scorers.rowstats import RowStats
+
+
+def all_logit_scorers(n, **kw):
+    return [
+        sw.EL2N(n, **kw),
+        sw.AUM(n, **kw),
+        sw.DataMaps(n, **kw),
+        sw.Loss(n, **kw),
+        sw.Margin(n, **kw),
+        sw.Entropy(n, **kw),
+        sw.Confidence(n, ema=0.8, **kw),
+        sw.ForgettingTracker(n, **kw),
+        sw.Misclassified(n, **kw),
+    ]
+
+
+def updates(seed, n=10, steps=6, batch=8, classes=6, nonfinite=False):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        idx[2] = idx[1]
+        logits = torch.randn(batch, classes, generator=gen) * 4
+        if nonfinite:
+            logits[3, 1] = float("nan")
+        out.append((idx, logits, torch.randint(0, classes, (batch,), generator=gen)))
+    return out
+
+
+def states(scorers):
+    return {s.name: copy.deepcopy(s.state_dict()["state"]) for s in scorers}
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], dict):
+            assert_bitwise_equal(a[name], b[name])
+        else:
+            assert a[name].dtype == b[name].dtype, name
+            assert torch.equal(a[name].nan_to_num(7.0), b[name].nan_to_num(7.0)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_collection_equals_separate_scorers_bit_for_bit(dtype, nonfinite):
+    n = 10
+    kw = {"nonfinite": "skip"} if nonfinite else {}
+    separate = all_logit_scorers(n, **kw)
+    collection = sw.ScorerCollection(*all_logit_scorers(n, **kw))
+    for idx, logits, y in updates(0, n, nonfinite=nonfinite):
+        logits = logits.to(dtype)
+        for s in separate:
+            s.update_indexed(idx, logits, y)
+        collection.update_indexed(idx, logits, y)
+    assert_bitwise_equal(states(separate), states(collection))
+    with pytest.warns(RuntimeWarning) if nonfinite else _nothing():
+        got = collection.compute()
+    with pytest.warns(RuntimeWarning) if nonfinite else _nothing():
+        want = {s.name: s.compute() for s in separate}
+    assert_bitwise_equal(want, got)
+    assert collection["datamaps"].compute_all().keys() == {
+        "confidence",
+        "variability",
+        "correctness",
+    }
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_resume_mid_run_equals_uninterrupted():
+    n = 10
+    history = updates(1, n, steps=8)
+    straight = sw.ScorerCollection(*all_logit_scorers(n))
+    for u in history:
+        straight.update_indexed(*u)
+    first = sw.ScorerCollection(*all_logit_scorers(n))
+    for u in history[:3]:
+        first.update_indexed(*u)
+    saved = copy.deepcopy(first.state_dict())
+    resumed = sw.ScorerCollection(*all_logit_scorers(n))
+    resumed.load_state_dict(saved)
+    for u in history[3:]:
+        resumed.update_indexed(*u)
+    assert_bitwise_equal(straight.compute(), resumed.compute())
+
+
+def test_bad_batch_leaves_every_scorer_unchanged():
+    n = 5
+    c = sw.ScorerCollection(*all_logit_scorers(n))
+    c.update_indexed([0, 1], torch.randn(2, 3), [0, 2])
+    before = states(c)
+    for idx, logits, y in [
+        ([0, 5], torch.randn(2, 3), [0, 1]),
+        ([0, 1], torch.randn(2, 3), [0, 3]),
+        ([0, 1], torch.tensor([[0.0, float("inf"), 1.0], [0.0, 0.0, 0.0]]), [0, 1]),
+        ([0], torch.randn(1, 1), [0]),  # AUM/Margin need 2 classes: raised before any change
+    ]:
+        with pytest.raises(ValueError):
+            c.update_indexed(idx, logits, y)
+        assert_bitwise_equal(before, states(c))
+
+
+def test_mixed_policies_each_scorer_keeps_its_own():
+    strict, lenient = sw.Loss(3), sw.AUM(3, nonfinite="skip")
+    c = sw.ScorerCollection(strict, lenient)
+    nan_row = torch.tensor([[0.0, float("nan")], [1.0, 0.0]])
+    with pytest.raises(ValueError, match="NaN"):  # the strict scorer rejects: nothing changes
+        c.update_indexed([0, 1], nan_row, [0, 0])
+    assert strict.num_updates == 0 and lenient.num_updates == 0
+
+
+def test_construction_errors():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="separately"):
+        sw.ScorerCollection(sw.EL2N(4), sw.GraNd(model, 4))
+    with pytest.raises(TypeError, match="Expected scorers"):
+        sw.ScorerCollection(sw.EL2N(4), "aum")
+    with pytest.raises(ValueError, match="more than once"):
+        sw.ScorerCollection(sw.EL2N(4), sw.EL2N(4, ema=0.9))
+    with pytest.raises(ValueError, match="same num_examples"):
+        sw.ScorerCollection(sw.EL2N(4), sw.AUM(5))
+    with pytest.raises(ValueError, match="at least one"):
+        sw.ScorerCollection()
+
+
+def test_load_state_dict_is_all_or_nothing():
+    n = 4
+    c = sw.ScorerCollection(sw.Loss(n), sw.AUM(n))
+    c.update_indexed([0, 1], torch.randn(2, 3), [0, 1])
+    before = states(c)
+    other = sw.ScorerCollection(sw.Loss(n), sw.AUM(n))
+    other.update_indexed([2], torch.randn(1, 3), [2])
+    bad = other.state_dict()
+    bad["scorers"]["aum"]["num_examples"] = 99  # the second scorer rejects its part
+    with pytest.raises(sw.StateMismatchError):
+        c.load_state_dict(bad)
+    assert_bitwise_equal(before, states(c))
+    with pytest.raises(sw.StateMismatchError, match="ScorerCollection"):
+        c.load_state_dict({"scorers": {"loss": {}}})
+
+
+def test_reset_and_to():
+    c = sw.ScorerCollection(*all_logit_scorers(3))
+    c.update_indexed([0], torch.randn(1, 4), [1])
+    c.reset()
+    assert all(s.num_updates == 0 for s in c)
+    assert c.to("cpu") is c and len(c) == 9 and c.keys()[0] == "el2n"
+
+
+def test_score_dataset_accepts_a_collection():
+    torch.manual_seed(0)
+    ds = sw.WithIndex(TensorDataset(torch.randn(20, 3), torch.randint(0, 4, (20,))))
+    model = torch.nn.Linear(3, 4)
+    loader = DataLoader(ds, batch_size=6)
+    c = sw.ScorerCollection(sw.EL2N(20), sw.AUM(20), sw.Loss(20))
+    alone = sw.Loss(20)
+    sw.score_dataset(model, loader, c, alone, progress=False)
+    scores = c.compute()
+    assert torch.equal(scores["loss"], alone.compute())
+    assert all(bool(v.isfinite().all()) for v in scores.values())
+
+
+class _LiveBuffers(TorchDispatchMode):
+    """Counts the (B, C)-sized float32 tensors alive at once (other than the logits)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.numel, self.skip = logits.numel(), logits.data_ptr()
+        self.live: Counter[int] = Counter()
+        self.peak = 0
+
+    def _drop(self, ptr: int) -> None:
+        self.live[ptr] -= 1
+        if not self.live[ptr]:
+            del self.live[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dtype == torch.float32
+                and t.numel() >= self.numel
+                and t.data_ptr() != self.skip
+                and not any(t is a for a in tree_flatten((args, kwargs))[0])  # in place
+            ):
+                ptr = t.data_ptr()
+                self.live[ptr] += 1
+                weakref.finalize(t, self._drop, ptr)
+                self.peak = max(self.peak, len(self.live))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_statistics_hold_at_most_one_batch_by_vocabulary_buffer(dtype):
+    """Large vocabularies: every logit scorer's values from one RowStats, one (B, C) fp32
+    buffer alive at a time."""
+    batch, vocab = 4, 50_000
+    logits = (torch.randn(batch, vocab) * 3).to(dtype)
+    y = torch.randint(0, vocab, (batch,))
+    scorers = all_logit_scorers(1)
+    with _LiveBuffers(logits) as counter:
+        stats = RowStats(logits, y)
+        values = [s._values_from(stats) for s in scorers]
+    assert all(v.shape[0] == batch for v in values)
+    assert counter.peak == 1
