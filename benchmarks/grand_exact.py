@@ -1,9 +1,10 @@
 """GraNd's one-example-at-a-time engine (``engine="loop"``) against hooks, vmap and the floor.
 
 Ratios to the floor (one forward + backward of the mean loss on the batch), all measured in one
-run, one thread, medians over ``--rounds`` rounds after one warm-up.
+run, one thread: each round times every engine once, each ratio is taken within its round, and
+the table shows the median over ``--rounds`` rounds (after one warm-up call each).
 
-Run: python benchmarks/grand_exact.py [--rounds 3]
+Run: python benchmarks/grand_exact.py [--rounds 5]
 """
 
 from __future__ import annotations
@@ -41,24 +42,21 @@ CASES = {
 }
 
 
-def median_time(fn, rounds: int) -> float:
-    fn()  # warm-up (and, for auto on the GRU, the one failed vmap attempt)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def once(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", "GraNd: ", UserWarning)
-    print("| model (batch) | floor | hooks | vmap, chunk 32 | auto | loop |")
-    print("|---|---|---|---|---|---|")
+    engines = ("hooks", "vmap", "auto", "loop")
+    print("| model (batch) | floor | hooks | vmap, chunk 32 | auto | loop | loop / vmap |")
+    print("|---|---|---|---|---|---|---|")
     for name, (build, inputs) in CASES.items():
         torch.manual_seed(0)
         model = build().eval()
@@ -70,21 +68,31 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), y).backward()
 
-        cells = {"floor": median_time(floor, args.rounds)}
-        for engine in ("hooks", "vmap", "auto", "loop"):
+        fns = {"floor": floor}
+        for engine in engines:
             scorer = sw.GraNd(model, len(y), engine=engine, chunk_size=32)  # type: ignore[arg-type]
+            fn = lambda s=scorer, i=idx, a=x, b=y: s.update_indexed(i, a, b)  # noqa: E731
             try:
-                cells[engine] = median_time(
-                    lambda s=scorer: s.update_indexed(idx, x, y), args.rounds
-                )
+                fn()  # warm-up (and, for auto on the GRU, the one failed vmap attempt)
+                fns[engine] = fn
             except (TypeError, RuntimeError):  # hooks / vmap cannot score this model
-                cells[engine] = float("nan")
-        base = cells["floor"]
-        row = [f"{base * 1e3:.1f} ms"] + [
-            "—" if cells[k] != cells[k] else f"{cells[k] / base:.1f}×"
-            for k in ("hooks", "vmap", "auto", "loop")
-        ]
-        print(f"| {name} | " + " | ".join(row) + " |", flush=True)
+                pass
+        floor()
+        # rounds interleave the engines, and each ratio is taken against the floor of its own
+        # round: load changes on a shared machine hit both sides of a ratio alike
+        ratios: dict[str, list[float]] = {k: [] for k in fns}
+        base = []
+        for _ in range(args.rounds):
+            t = {k: once(fn) for k, fn in fns.items()}
+            base.append(t["floor"])
+            for k in fns:
+                ratios[k].append(t[k] / t["floor"])
+            if "vmap" in fns:
+                ratios.setdefault("loop/vmap", []).append(t["loop"] / t["vmap"])
+        cells = [f"{statistics.median(base) * 1e3:.1f} ms"]
+        for k in (*engines, "loop/vmap"):
+            cells.append(f"{statistics.median(ratios[k]):.1f}×" if ratios.get(k) else "—")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -451,7 +451,10 @@ def main(argv: list[str] | None = None) -> dict:
     (folder / "results.json").write_text(json.dumps(out, indent=1))
     plot(out, folder / "data_diet.png")
     print(table(out))
-    print(f"\n{out['never_learned']} examples never learned during scoring (forgetting = inf)")
+    print(
+        f"\n{out['never_learned']} examples never classified correctly in at least one scoring run "
+        "(forgetting = inf: Data Diet's mean over runs)"
+    )
     print(
         f"wrote {folder / 'results.json'} and {folder / 'data_diet.png'} in {out['seconds']} s "
         f"({out['runs_computed']} runs computed, {out['runs_resumed']} read back from "

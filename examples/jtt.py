@@ -16,12 +16,15 @@ This script builds the benchmark, then compares, over several seeds:
 * ERM;
 * JTT by upsampling (``Misclassified`` error set + ``JTTSampler``);
 * JTT by loss weights (``LossReweighter(jtt_weights(...))``);
+* Group DRO (``sw.GroupDROLoss``, Sagawa et al. 2020), which also uses the training group
+  labels: online group weights, step size η chosen on validation like JTT's T and λ;
 * a group-balanced oracle that *does* use training group labels (loss weights 1 / group size).
 
 The benchmark: label ``y`` = digit ≥ 5; attribute ``a`` = the sign of a bump added to the first
 positions of the signal. In training, ``a = y`` for ``--agree`` (95%) of the examples; in
 validation and test ``a`` is independent of ``y``. The four groups ``(y, a)`` are used only for
-validation (choosing T and λ by worst-group accuracy, as JTT does), testing and the oracle.
+validation (choosing T and λ by worst-group accuracy, as JTT does), testing, Group DRO and the
+oracle.
 
 Like ``data_diet.py`` it trains on one thread per process (``--threads``): faster for these tiny
 models, and on a machine other jobs share.
@@ -137,6 +140,18 @@ def jtt_run(splits, t, lam, seed, args, variant):
     return train(train_split, args.epochs, seed, args, reweighter=rw, desc=desc), len(errors)
 
 
+def gdro_run(splits, step_size, seed, args) -> nn.Module:
+    """Group DRO: the loss Σ_g q_g·ℓ_g with online group weights, from training group labels."""
+    train_split = splits["train"]
+    groups = train_split["g"]
+    gdro = sw.GroupDROLoss(4, step_size=step_size)
+    return train(
+        train_split, args.epochs, seed, args,
+        reweighter=lambda losses, index: gdro(losses, groups[index]),
+        desc=f"Group DRO η={step_size} seed {seed}",
+    )  # fmt: skip
+
+
 def run(args) -> dict:
     t0 = time.time()
     splits = build(args)
@@ -162,6 +177,15 @@ def run(args) -> dict:
         }
     results["chosen"] = chosen
 
+    # Group DRO's step size η, chosen the same way (seed 0, validation worst-group accuracy)
+    best_gdro = None
+    for eta in tqdm(args.gdro_step_grid, desc="Group DRO grid"):
+        worst = evaluate(gdro_run(splits, eta, 0, args), splits["val"], train_groups)["worst"]
+        if best_gdro is None or worst > best_gdro[0]:
+            best_gdro = (worst, eta)
+    assert best_gdro is not None
+    results["chosen_group_dro"] = {"step_size": best_gdro[1], "val_worst": best_gdro[0]}
+
     group_w = 1.0 / torch.bincount(train_groups, minlength=4).clamp_min(1).float()
     methods = {
         "ERM": lambda s: train(splits["train"], args.epochs, s, args),
@@ -172,6 +196,7 @@ def run(args) -> dict:
             splits, chosen["loss_weights"]["T"], chosen["loss_weights"]["lambda"], s, args,
             "loss_weights",
         )[0],
+        "Group DRO": lambda s: gdro_run(splits, results["chosen_group_dro"]["step_size"], s, args),
         "group-balanced oracle": lambda s: train(
             splits["train"], args.epochs, s, args,
             reweighter=sw.LossReweighter(group_w[train_groups]),
@@ -210,6 +235,12 @@ def report(results: dict) -> str:
             f"\nJTT ({variant}): T = {c['T']}, λ = {c['lambda']} chosen on validation worst-group "
             f"accuracy ({100 * c['val_worst']:.1f}%); error set {c['error_set_size']} examples"
         )
+    if "chosen_group_dro" in results:
+        c = results["chosen_group_dro"]
+        lines.append(
+            f"\nGroup DRO: η = {c['step_size']} chosen on validation worst-group accuracy "
+            f"({100 * c['val_worst']:.1f}%)"
+        )
     return "\n".join(lines)
 
 
@@ -227,6 +258,13 @@ def parse(argv=None) -> argparse.Namespace:
         default=[5, 20, 50],
         help="λ: times each error example is seen per epoch in total (authors' code: k → k + 1)",
     )
+    p.add_argument(
+        "--gdro-step-grid",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.1],
+        help="Group DRO step sizes η to choose from on validation (the authors' default: 0.01)",
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.02)
@@ -238,7 +276,7 @@ def parse(argv=None) -> argparse.Namespace:
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.smoke:
         args.n_train, args.epochs, args.seeds = 500, 2, 2
-        args.t_grid, args.lambda_grid = [1], [5]
+        args.t_grid, args.lambda_grid, args.gdro_step_grid = [1], [5], [0.01]
     return args
 
 

@@ -204,11 +204,6 @@ def four_element_batch():
     return [x1, x2, torch.tensor([0, 1, 0, 1]), torch.arange(4)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="score_dataset (scorers/passes.py) calls the model with the first logit scorer's "
-    "layout only; a scorer whose input_pos differs is scored on the other input",
-)
 def test_score_dataset_refuses_scorers_whose_layouts_name_different_inputs():
     batch = four_element_batch()
     a = sw.EL2N(4, layout=sw.BatchLayout(target_pos=2, input_pos=0))
@@ -217,11 +212,6 @@ def test_score_dataset_refuses_scorers_whose_layouts_name_different_inputs():
         sw.score_dataset(nn.Linear(3, 2), [batch], a, b, progress=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="score_dataset (scorers/passes.py) updates the scorers one by one: a later scorer "
-    "whose layout rejects the batch leaves the earlier ones updated",
-)
 def test_score_dataset_checks_every_layout_before_any_update():
     batch = four_element_batch()
     a = sw.EL2N(4, layout=sw.BatchLayout(target_pos=2, input_pos=0))

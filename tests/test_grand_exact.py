@@ -135,7 +135,7 @@ def normal(*shape):
     return lambda b: torch.randn(b, *shape)
 
 
-# (id, build, inputs(b), classes, dtype, loss); plain models compared with reference_grand
+# (id, build, inputs(batch), dtype): 3 classes, cross-entropy; compared with reference_grand
 PLAIN = [
     ("gru-batch-first", lambda: Recurrent(), normal(3, 4), torch.float32),
     ("gru-seq-first", lambda: Recurrent(batch_first=False), normal(3, 4), torch.float32),
@@ -159,6 +159,7 @@ def plain_case(build, inputs, dtype, batch):
     return model, x, y
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 @pytest.mark.parametrize("batch", [1, 7])
 @pytest.mark.parametrize("engine", EXACT)
 @pytest.mark.parametrize(
@@ -170,7 +171,7 @@ def test_exact_engines_on_models_vmap_cannot_transform(build, inputs, dtype, eng
     got = scores(model, x, y, engine)
     # bf16 under auto: the hook formula's fp32 ‖a‖²‖g‖² vs the reference's bf16-rounded weight
     # gradient of the head (the LSTM itself goes through the loop, as the reference)
-    tol = 2e-2 if dtype == torch.bfloat16 and engine == "auto" else 1e-4
+    tol = 5e-3 if dtype == torch.bfloat16 and engine == "auto" else 1e-4
     assert_rel(got, want, tol)
 
 
@@ -187,6 +188,20 @@ def test_vmap_engine_fails_with_a_clear_error_on_them(build, inputs, dtype):
     first, _ = next(iter(model.named_parameters()))
     owner = dict(model.named_modules())[first.rsplit(".", 1)[0]]
     assert f"{first} ({type(owner).__name__})" in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN RNNs)")
+@pytest.mark.parametrize("engine", EXACT)
+def test_eval_mode_recurrent_layers_on_cuda(engine):
+    """cuDNN's RNN backward refuses eval mode: the loop turns cuDNN off for the call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 4), Recurrent()).cuda()  # Embedding: hooked before it
+    x = torch.randint(0, 20, (7, 3), device="cuda")
+    y = torch.randint(0, 3, (7,), device="cuda")
+    with torch.backends.cudnn.flags(enabled=False):
+        want = reference_grand(model, x, y)
+    assert_rel(scores(model, x, y, engine).cpu(), want.cpu())
+    assert torch.backends.cudnn.enabled
 
 
 @pytest.mark.parametrize("batch", [1, 7])
@@ -371,8 +386,10 @@ def test_auto_survives_a_failing_hooks_pass_and_hooks_says_why():
     with pytest.raises(PerExampleGradientError, match=r"hooks engine failed.*engine='auto'"):
         scores(model, x, y, "hooks")
     g = sw.GraNd(model, 7)
-    with pytest.warns(UserWarning, match="hooks engine failed"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         g.update_indexed(torch.arange(7), x, y)
+    assert any("hooks engine failed" in str(w.message) for w in caught)
     assert_rel(g.compute(), want)
 
 

@@ -20,10 +20,12 @@ Example:
 
 from sampleweights.data import BatchLayout, WithIndex, default_forward, logits_of
 from sampleweights.distributed import DistributedMismatchError
+from sampleweights.dynamic import DynamicPruner
 from sampleweights.errors import StateMismatchError
 from sampleweights.groups import group_accuracy, group_weighted_accuracy, worst_group_accuracy
 from sampleweights.persist import load_scores, save_scores
 from sampleweights.reweight import LossReweighter, Normalize, jtt_weights
+from sampleweights.robust import GroupDROLoss
 from sampleweights.samplers import JTTSampler, PrunedSampler, UpsampleSampler
 from sampleweights.scorers import (
     AUM,
@@ -55,10 +57,12 @@ __all__ = [
     "Confidence",
     "DataMaps",
     "DistributedMismatchError",
+    "DynamicPruner",
     "Engine",
     "Entropy",
     "ForgettingTracker",
     "GraNd",
+    "GroupDROLoss",
     "JTTSampler",
     "Loss",
     "LossReweighter",

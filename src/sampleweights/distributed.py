@@ -42,6 +42,7 @@ __all__ = [
     "DistributedMismatchError",
     "all_gather_uneven",
     "all_reduce_copy",
+    "all_reduce_many",
     "collective_device",
     "exchange_header",
     "is_distributed",
@@ -103,6 +104,32 @@ def all_reduce_copy(tensor: Tensor, op: str, group: Any = None) -> Tensor:
     return wire.to(device, tensor.dtype)
 
 
+def all_reduce_many(tensors: list[Tensor], op: str, group: Any = None) -> list[Tensor]:
+    """All-reduce copies of several tensors of one dtype in one collective (``op``: "sum",
+    "max" or "min"); the inputs are unchanged.
+
+    The tensors travel as one flat buffer on the collective's device (bool as uint8); each
+    result comes back with its tensor's shape, device and dtype. Element-wise, so every entry
+    gets exactly what :func:`all_reduce_copy` of its own tensor would give.
+    """
+    if not tensors:
+        return []
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):
+        dtypes = sorted({str(t.dtype) for t in tensors})
+        raise TypeError(f"all_reduce_many needs tensors of one dtype, but got {dtypes}.")
+    comm = collective_device(group, tensors[0].device)
+    wire = torch.uint8 if dtype == torch.bool else dtype
+    flat = torch.cat([t.reshape(-1).to(comm, wire) for t in tensors])
+    dist.all_reduce(flat, op=_REDUCE_OPS[op], group=group)
+    out, start = [], 0
+    for t in tensors:
+        part = flat[start : start + t.numel()].view(t.shape)
+        out.append(part.to(t.device, dtype, copy=True))
+        start += t.numel()
+    return out
+
+
 def scorer_tag(name: str) -> int:
     """A stable number for a scorer name (the same on every rank and every run)."""
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
@@ -131,7 +158,8 @@ def exchange_header(
         op: :data:`OP_UPDATE` or :data:`OP_COMPUTE`.
         run: the scorer's run counter (``num_runs``).
         num_updates: updates made on this rank before this call.
-        length: this rank's batch length (exchanges only).
+        length: this rank's batch length (exchanges); for ``compute()``, its number of
+            updates in the current run (0 right after ``new_run()``).
         device: where the header tensor is built (the collective's device is used for NCCL).
         require_equal_updates: whether ``num_updates`` must agree (order-dependent scorers).
 

@@ -23,9 +23,10 @@ pays for one failed attempt, not one per batch.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +39,9 @@ from sampleweights.pergrad.vmap import (
     _describe,
     _first_line,
     _SplitBatch,
+    _state_restored,
+    _StateGuard,
+    _without_inference_tensors,
     vmap_sq_norms,
 )
 
@@ -67,13 +71,21 @@ def loop_sq_norms(
     dimension is ``B`` are split, as are lists of ``B`` strings or numbers; other leaves are
     shared), ``loss_fn(output, targets[b:b+1])``, and ``torch.autograd.grad`` with respect to the
     parameters ``names``. The model is called ``B`` times, so forward side effects happen ``B``
-    times (user hooks fire per example; dropout draws a mask per example). The model's ``.grad``
+    times (user hooks fire per example; dropout draws a mask per example), except that buffers
+    a forward updates (running statistics, counters) and ``nn.Embedding(max_norm=…)`` weights
+    are put back after every example: each example meets the model as it was, whatever came
+    before it in the batch. The batch itself is never changed (each example is a copy), and
+    inference tensors are copied, so the call works under ``torch.inference_mode()``. A forward
+    that couples the examples (``x - x.mean(0)``) sees a batch of one: each example alone, which
+    is what this engine computes. The model's ``.grad``
     is not touched — except that a graph with reentrant checkpointing
     (``torch.utils.checkpoint(..., use_reentrant=True)``), which ``autograd.grad`` cannot run,
-    is differentiated with ``.backward()`` and every ``.grad`` is put back afterwards (hooks
-    registered with ``register_post_accumulate_grad_hook`` then fire).
+    is differentiated with ``.backward()`` and the ``.grad`` of every parameter of the model is
+    put back afterwards (hooks registered with ``register_post_accumulate_grad_hook`` then fire).
 
-    fp32 norms (fp64 when a scored parameter is fp64); an empty batch gives an empty result.
+    On CUDA, recurrent layers in eval mode are differentiated with cuDNN off for the call
+    (cuDNN's RNN backward refuses eval mode). fp32 norms (fp64 when a scored parameter is fp64);
+    an empty batch gives an empty result.
 
     Raises:
         PerExampleGradientError: plain autograd cannot differentiate the loss of one example
@@ -95,10 +107,35 @@ def loop_sq_norms(
     out = torch.zeros(b, dtype=dtype, device=targets.device)
     if b == 0:
         return out
-    split = _SplitBatch(batch, b)
+    with (
+        torch.inference_mode(False),
+        _cudnn_off_for_eval_rnns(model),
+        _state_restored(model) as state,
+    ):
+        split = _SplitBatch(_without_inference_tensors(batch), b)
+        targets = _without_inference_tensors(targets)
+        _loop(model, names, params, split, targets, forward, loss_fn, out, state)
+    return out
+
+
+def _loop(
+    model: nn.Module,
+    names: list[str],
+    params: list[nn.Parameter],
+    split: _SplitBatch,
+    targets: Tensor,
+    forward: Callable[[nn.Module, Any], Any],
+    loss_fn: LossFn,
+    out: Tensor,
+    state: _StateGuard,
+) -> None:
+    dtype = out.dtype
     reentrant: bool | None = None  # decided on the first example's graph
-    for i in range(b):  # the point of this engine: one example at a time
-        rows = [t[i : i + 1].detach() for t in split.tensors]
+    for i in range(out.shape[0]):  # the point of this engine: one example at a time
+        if i:
+            state.restore()  # each example meets the model's buffers as they were
+        # copies: a forward that changes its input in place must not change the caller's batch
+        rows = [t[i : i + 1].detach().clone() for t in split.tensors]
         example = split.rebuild(rows, lambda v, i=i: v[i : i + 1])  # type: ignore[misc]
         try:
             with torch.enable_grad():
@@ -124,7 +161,24 @@ def loop_sq_norms(
         sq = [g.to(dtype).pow(2).sum() for g in grads if g is not None]
         if sq:
             out[i] = torch.stack(sq).sum()
-    return out
+
+
+@contextlib.contextmanager
+def _cudnn_off_for_eval_rnns(model: nn.Module) -> Iterator[None]:
+    """cuDNN's RNN backward refuses eval mode ("can only be called in training mode"); plain
+    autograd differentiates an eval-mode RNN on CUDA with cuDNN off (same math, no dropout)."""
+    needed = torch.backends.cudnn.enabled and any(
+        isinstance(m, nn.RNNBase) and not m.training and any(p.is_cuda for p in m.parameters())
+        for m in model.modules()
+    )
+    if not needed:
+        yield
+        return
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = True
 
 
 def _has_reentrant_checkpoint(root: Any) -> bool:
@@ -188,7 +242,9 @@ def exact_sq_norms(
     a warning saying why (once). A model whose ``vmap`` failed while the loop succeeded is not
     offered to ``vmap`` again for batches of the same structure (keyed by the model object, the
     parameters, the mode, and the batch's keys, dtypes and per-example shapes). Errors of the
-    loop are raised as they are (a :class:`PerExampleGradientError` for autograd's).
+    loop are raised as they are (a :class:`PerExampleGradientError` for autograd's). ``vmap``
+    running out of memory is not remembered: that batch goes through the loop (a warning
+    suggests a smaller ``chunk_size``) and the next one tries ``vmap`` again.
 
     Example:
         >>> import torch
@@ -216,6 +272,16 @@ def exact_sq_norms(
         return loop_sq_norms(model, names, batch, targets, forward, loss_fn)
     try:
         return vmap_sq_norms(model, names, batch, targets, forward, loss_fn, chunk_size)
+    except torch.cuda.OutOfMemoryError:
+        # no verdict on the model: this batch one example at a time, vmap again on the next
+        warnings.warn(
+            f"GraNd: the vmap engine ran out of memory on {_describe(model, names)} "
+            f"(chunk_size={chunk_size}); this batch is scored one example at a time. Pass a "
+            "smaller chunk_size to GraNd to keep vmap's speed.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return loop_sq_norms(model, names, batch, targets, forward, loss_fn)
     except Exception as err:  # any failure: plain autograd, one example at a time, decides
         vmap_error = err
     result = loop_sq_norms(model, names, batch, targets, forward, loss_fn)

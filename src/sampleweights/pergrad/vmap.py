@@ -11,7 +11,8 @@ Also home of what the engines share: how a batch is split into examples
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -113,6 +114,100 @@ class _SplitBatch:
         return self.rebuild([t[start:stop] for t in self.tensors], lambda v: v[start:stop])
 
 
+class _StateGuard:
+    """The model's buffers, and the weights ``nn.Embedding(max_norm=…)`` renormalises in place,
+    as they were when the guard was made: :meth:`restore` puts back what a forward changed in
+    place (a running statistic, a call counter) or reassigned (``self.buf = self.buf + 1``).
+
+    The exact engines restore after every example, so each example meets the model as it was
+    (not as the previous examples left it), and GraNd restores after every update.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._saved: list[tuple[dict[str, Any], str, Tensor, int, Tensor]] = []
+        for module in model.modules():
+            for name, t in module._buffers.items():
+                if t is not None:
+                    self._saved.append((module._buffers, name, t, t._version, t.detach().clone()))
+            if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None:
+                w = module.weight
+                saved = w.detach().clone()
+                self._saved.append((module._parameters, "weight", w, w._version, saved))
+
+    def restore(self, *, compare: bool = False) -> None:
+        """Put back what changed: tensors whose version counter moved (in-place ops) or, with
+        ``compare``, whose values differ (also changes made through ``.data``)."""
+        with torch.no_grad():
+            for i, (store, name, t, version, saved) in enumerate(self._saved):
+                if store.get(name) is not t:  # reassigned in the forward
+                    store[name] = t
+                if t._version != version or (compare and not torch.equal(t, saved)):
+                    t.copy_(saved)
+                    self._saved[i] = (store, name, t, t._version, saved)
+
+
+# id(model) → the guard of the outermost _state_restored running on it (only while it runs)
+_ACTIVE_GUARDS: dict[int, _StateGuard] = {}
+
+
+@contextlib.contextmanager
+def _state_restored(model: nn.Module) -> Iterator[_StateGuard]:
+    """:class:`_StateGuard` as a context: everything restored (values compared) on the way out.
+
+    Nested on the same model (GraNd → hooks pass → exact fallback → loop) the inner context
+    reuses the outer guard and restores on the way in too, so an engine that runs after
+    another (the exact fallback after the hooks pass) meets the state the outermost one saw.
+    """
+    outer = _ACTIVE_GUARDS.get(id(model))
+    if outer is not None:
+        outer.restore()
+        try:
+            yield outer
+        finally:
+            outer.restore()
+        return
+    guard = _ACTIVE_GUARDS[id(model)] = _StateGuard(model)
+    try:
+        yield guard
+    finally:
+        del _ACTIVE_GUARDS[id(model)]
+        guard.restore(compare=True)
+
+
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``obj`` with every tensor leaf ``t`` replaced by ``fn(t)`` (dicts, lists, tuples and named
+    tuples walked; other leaves as they are)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_map_tensors(v, fn) for v in obj))
+    if isinstance(obj, tuple | list):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _tensor_leaves(obj: Any) -> list[Tensor]:
+    """Every tensor leaf of ``obj``, in walk order."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensor_leaves(v)]
+    if isinstance(obj, tuple | list):
+        return [t for v in obj for t in _tensor_leaves(v)]
+    return []
+
+
+def _without_inference_tensors(obj: Any) -> Any:
+    """``obj`` with its inference tensors (made under ``torch.inference_mode()``, which autograd
+    cannot save for backward) cloned into normal ones; ``obj`` itself when it has none. Call it
+    outside inference mode."""
+    if not any(t.is_inference() for t in _tensor_leaves(obj)):
+        return obj
+    return _map_tensors(obj, lambda t: t.clone() if t.is_inference() else t)
+
+
 def _describe(model: nn.Module, names: list[str], limit: int = 6) -> str:
     """``"name (ModuleType), …"`` for error messages: the first ``limit`` of ``names``."""
     modules = dict(model.named_modules())
@@ -147,7 +242,9 @@ def vmap_sq_norms(
     """Per-example squared gradient norms over the parameters ``names``: fp32/fp64 ``(B,)``.
 
     Random ops (dropout in train mode) draw independently per example
-    (``randomness="different"``). An empty batch gives an empty result.
+    (``randomness="different"``). An empty batch gives an empty result. Buffers a forward
+    updates are put back afterwards; inference tensors in the batch are copied (so the call
+    also works under ``torch.inference_mode()``); the batch itself is never changed.
 
     Args:
         model: the model (in the mode to score in).
@@ -165,6 +262,7 @@ def vmap_sq_norms(
             updates of weights) or the batch has per-example fields that are not tensors. The
             one-example-at-a-time engine (:func:`~sampleweights.pergrad.loop_sq_norms`) covers
             these.
+        torch.cuda.OutOfMemoryError: as raised: pass a smaller ``chunk_size``.
 
     Example:
         >>> import torch
@@ -175,6 +273,21 @@ def vmap_sq_norms(
         >>> sq.shape, sq.dtype
         (torch.Size([4]), torch.float32)
     """
+    with torch.inference_mode(False), _state_restored(model):
+        batch = _without_inference_tensors(batch)
+        targets = _without_inference_tensors(targets)
+        return _vmap_sq_norms(model, names, batch, targets, forward, loss_fn, chunk_size)
+
+
+def _vmap_sq_norms(
+    model: nn.Module,
+    names: list[str],
+    batch: Any,
+    targets: Tensor,
+    forward: Callable[[nn.Module, Any], Any],
+    loss_fn: LossFn,
+    chunk_size: int | None,
+) -> Tensor:
     b = targets.shape[0]
     params = dict(model.named_parameters())
     scored = {f"model.{n}": params[n].detach() for n in names}
@@ -207,7 +320,8 @@ def vmap_sq_norms(
     try:
         # chunks by hand: vmap's own chunk_size would still return all B per-example gradients
         for start in range(0, b, chunk):
-            rows = [t[start : start + chunk] for t in split.tensors]
+            # copies: a forward that changes its input in place must not change the caller's batch
+            rows = [t[start : start + chunk].detach().clone() for t in split.tensors]
             grads = per_example_grads(scored, rows, targets[start : start + chunk])
             n = min(chunk, b - start)
             total = torch.zeros(n, dtype=dtype, device=targets.device)
@@ -215,8 +329,8 @@ def vmap_sq_norms(
                 total += g.reshape(n, -1).to(dtype).pow(2).sum(dim=1)
             norms.append(total)
     except (RuntimeError, NotImplementedError) as err:
-        if isinstance(err, PerExampleGradientError):
-            raise
+        if isinstance(err, PerExampleGradientError | torch.cuda.OutOfMemoryError):
+            raise  # out of memory is no verdict on the model: a smaller chunk_size fits
         raise PerExampleGradientError(
             f"GraNd's vmap engine (torch.func) cannot differentiate "
             f"{_describe(model, names)}: {_first_line(err)}. Use engine='auto' or "

@@ -219,11 +219,20 @@ class Scorer(abc.ABC):
         finite = finite_rows(logits) if self.nonfinite == "skip" else None
         self._ingest(indices, self._values_from(_row_stats(logits, targets)), finite)
 
-    def _ingest(self, indices: Tensor, values: Tensor, finite: Tensor | None) -> None:
+    def _ingest(
+        self,
+        indices: Tensor,
+        values: Tensor,
+        finite: Tensor | None,
+        exchanged: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
         """Scatter per-example ``values`` (B,), computed on their own device, into the state.
 
         ``finite`` (B,) bool marks rows to keep under ``nonfinite="skip"``; the others go to the
-        trash slot, so the scatter stays branch-free and sync-free.
+        trash slot, so the scatter stays branch-free and sync-free. ``exchanged``: the global
+        batch ``(indices, values)`` of an order-dependent scorer, already exchanged by a
+        :class:`~sampleweights.ScorerCollection` (one exchange for all its scorers; its indices
+        carry the trash slot for skipped rows), applied instead of this scorer's own exchange.
         """
         source = values.device
         indices = indices.to(source, torch.int64, non_blocking=True)
@@ -231,12 +240,17 @@ class Scorer(abc.ABC):
         if finite is not None:
             skipped = (~finite).sum()
             indices = torch.where(finite, indices, self.num_examples)
-        if self.exchanges_updates and is_distributed(self.process_group):
+        if exchanged is not None:
+            indices, values = exchanged
+        elif self.exchanges_updates and is_distributed(self.process_group):
             # order-dependent state: every rank applies the global batch, ordered by (rank,
             # position), so the state is identical on every rank and equals one process's
             indices, values = self._exchange(indices, values)
         device = self._claim_device(source)
-        self._world = world(self.process_group)
+        here = world(self.process_group)
+        if self.exchanges_updates or self._world is None or here[0] > 1:
+            self._world = here
+        # else: a per-rank state updated under a group that is gone stays that rank's part
         if self._run_updates == 0:
             if self.num_runs:
                 self._begin_run()  # the first update of a later run
@@ -427,18 +441,18 @@ class Scorer(abc.ABC):
         if local:
             pass
         elif is_distributed(self.process_group):
-            self._rank_updates = [
-                row[4]
-                for row in exchange_header(
-                    self.name,
-                    OP_COMPUTE,
-                    run=self.num_runs,
-                    num_updates=self.num_updates,
-                    device=self._device,
-                    group=self.process_group,
-                    require_equal_updates=self.exchanges_updates,
-                )
-            ]
+            rows = exchange_header(
+                self.name,
+                OP_COMPUTE,
+                run=self.num_runs,
+                num_updates=self.num_updates,
+                length=self._run_updates,  # compute() carries the updates in the current run
+                device=self._device,
+                group=self.process_group,
+                require_equal_updates=self.exchanges_updates,
+            )
+            self._rank_updates = [row[4] for row in rows]
+            self._rank_run_updates = [row[5] for row in rows]
             state = self._merge(state)
             skipped_t = all_reduce_copy(self._skipped, "sum", self.process_group)
         elif self._world is not None and self._world[0] > 1 and not self.exchanges_updates:
@@ -450,15 +464,21 @@ class Scorer(abc.ABC):
                 "destroy_process_group() (and keep the merged scores with sw.save_scores), or "
                 "pass compute(local=True) for this rank's own partial scores."
             )
+        return self._finish(state, skipped_t, stacklevel=2)
+
+    def _finish(self, state: dict[str, Tensor], skipped: Tensor, stacklevel: int = 2) -> Tensor:
+        """The scores from a merged state (``_compute``), warning about skipped presentations
+        (``skipped``: their merged count; ``stacklevel`` as seen from the caller). The end of
+        ``compute()``, shared with :class:`~sampleweights.ScorerCollection`'s fused merge."""
         scores = self._compute(state)
         if self.nonfinite == "skip":
-            skipped = int(skipped_t)
-            if skipped:
+            count = int(skipped)
+            if count:
                 warnings.warn(
-                    f"{type(self).__name__}: {skipped} presentation(s) with non-finite logits were "
+                    f"{type(self).__name__}: {count} presentation(s) with non-finite logits were "
                     "skipped (nonfinite='skip').",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=stacklevel + 1,
                 )
         return scores
 
@@ -632,11 +652,16 @@ class Scorer(abc.ABC):
                 f"Expected 'num_skipped' to be a count >= 0 (an int or a one-element integer "
                 f"tensor), but got {skipped!r}."
             )
-        if run_updates > num_updates or num_runs > num_updates or (num_updates and not num_runs):
+        earlier_runs = num_runs - (run_updates > 0)  # each had at least one update
+        if (
+            run_updates > num_updates
+            or earlier_runs > num_updates - run_updates
+            or (num_updates and not num_runs)
+        ):
             raise StateMismatchError(
                 f"Expected 0 <= run_updates <= num_updates and 1 <= num_runs <= num_updates "
-                f"(or all 0), but got num_updates={num_updates}, num_runs={num_runs}, "
-                f"run_updates={run_updates}."
+                f"(or all 0), every run before the current one with an update of its own, but "
+                f"got num_updates={num_updates}, num_runs={num_runs}, run_updates={run_updates}."
             )
         saved_world = (
             _saved_count(state_dict, "world_size", 1),
@@ -652,7 +677,10 @@ class Scorer(abc.ABC):
                 "(compute() on every rank) with sw.save_scores and select from those."
             )
         problem = self._check_loaded(
-            {k: v for k, v in saved.items()}, num_updates=num_updates, run_updates=run_updates
+            {k: v for k, v in saved.items()},
+            num_updates=num_updates,
+            num_runs=num_runs,
+            run_updates=run_updates,
         )
         if problem is not None:
             raise StateMismatchError(problem)
@@ -668,7 +696,7 @@ class Scorer(abc.ABC):
         self._world = saved_world if num_updates else None
 
     def _check_loaded(
-        self, state: dict[str, Tensor], *, num_updates: int, run_updates: int
+        self, state: dict[str, Tensor], *, num_updates: int, num_runs: int, run_updates: int
     ) -> str | None:
         """Scorer-specific consistency check of a state about to be loaded: a message saying
         what is wrong, or None. Runs before anything changes."""
@@ -773,10 +801,21 @@ def last_occurrence(indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     and ``is_last[k]`` true where row ``order[k]`` is the last presentation of its index in the
     batch. All on device, no host sync.
     """
+    global _last_occurrence_cache
+    cached = _last_occurrence_cache
+    if cached is not None and cached[0] is indices and cached[1] == indices._version:
+        return cached[2]  # the same batch again (several scorers of one collection update)
     sorted_indices, order = torch.sort(indices, stable=True)
     is_last = torch.ones_like(sorted_indices, dtype=torch.bool)
     is_last[:-1] = sorted_indices[1:] != sorted_indices[:-1]
-    return sorted_indices, order, is_last
+    result = (sorted_indices, order, is_last)
+    _last_occurrence_cache = (indices, indices._version, result)
+    return result
+
+
+# the latest (indices, version, result) of last_occurrence: the scorers of one update share the
+# grouping of one index tensor (an in-place change of the tensor bumps its version)
+_last_occurrence_cache: tuple[Tensor, int, tuple[Tensor, Tensor, Tensor]] | None = None
 
 
 def _saved_count(state_dict: dict[str, Any], key: str, default: int) -> int:

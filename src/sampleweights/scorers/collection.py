@@ -10,6 +10,7 @@ updated separately.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -17,9 +18,20 @@ import torch
 from torch import Tensor
 
 from sampleweights.data import BatchLayout
+from sampleweights.distributed import (
+    OP_COMPUTE,
+    OP_UPDATE,
+    DistributedMismatchError,
+    all_gather_uneven,
+    all_reduce_many,
+    exchange_header,
+    is_distributed,
+    world,
+)
 from sampleweights.errors import StateMismatchError
 from sampleweights.scorers.base import Scorer
 from sampleweights.scorers.rowstats import RowStats
+from sampleweights.scorers.stats import Entropy
 from sampleweights.validation import finite_rows
 
 __all__ = ["ScorerCollection"]
@@ -121,21 +133,70 @@ class ScorerCollection:
     def update_indexed(self, indices: Any, logits: Tensor, targets: Any) -> None:
         """Score one batch given explicitly (see :meth:`Scorer.update_indexed`).
 
-        Every check and every scorer's values come before any state changes.
+        Every check and every scorer's values come before any state changes. Under
+        ``torch.distributed`` the order-dependent scorers share one exchange (a collective).
         """
+        scorers = list(self._scorers.values())
         checked: dict[tuple[bool, str], tuple[Tensor, Tensor, Tensor]] = {}
-        for s in self._scorers.values():
+        for s in scorers:
             policy = (s.validate, s.nonfinite)
             if policy not in checked:
                 checked[policy] = s._validate(indices, logits, targets)
         index_t, logits_t, target_t = next(iter(checked.values()))
         target_t = target_t.to(logits_t.device, torch.int64, non_blocking=True)
-        skip = any(s.nonfinite == "skip" for s in self._scorers.values())
+        skip = any(s.nonfinite == "skip" for s in scorers)
         finite = finite_rows(logits_t) if skip else None
-        stats = RowStats(logits_t, target_t)
-        values = [s._values_from(stats) for s in self._scorers.values()]
+        stats = RowStats(logits_t, target_t, margins=True)
+        values: list[Tensor | None] = [None] * len(scorers)
+        # the entropy consumes the shared buffer: read it after everything else
+        for k in sorted(range(len(scorers)), key=lambda k: isinstance(scorers[k], Entropy)):
+            values[k] = scorers[k]._values_from(stats)
+        ready = [v for v in values if v is not None]
+        exchanged = self._exchange(index_t, ready, finite)
+        for s, v in zip(scorers, ready, strict=True):
+            s._ingest(
+                index_t, v, finite if s.nonfinite == "skip" else None, exchanged.get(s.name)
+            )
+
+    def _exchange(
+        self, indices: Tensor, values: list[Tensor], finite: Tensor | None
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """One exchange per process group for every order-dependent scorer (forgetting, EMA):
+        a header and one all-gather of every ``(index, value)`` row, bit-cast to int64; returns
+        ``{name: (global indices, global values)}`` (empty without torch.distributed)."""
+        groups: dict[int, list[tuple[Scorer, Tensor]]] = {}
         for s, v in zip(self._scorers.values(), values, strict=True):
-            s._ingest(index_t, v, finite if s.nonfinite == "skip" else None)
+            if s.exchanges_updates and is_distributed(s.process_group):
+                groups.setdefault(id(s.process_group), []).append((s, v))
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for members in groups.values():
+            first, group = members[0][0], members[0][0].process_group
+            device = members[0][1].device
+            local = indices.to(device, torch.int64, non_blocking=True)
+            masked = local if finite is None else torch.where(finite, local, self.num_examples)
+            rows = exchange_header(
+                self._tag(members),
+                OP_UPDATE,
+                run=first.num_runs + (first._run_updates == 0),
+                num_updates=first.num_updates,
+                length=local.numel(),
+                device=device,
+                group=group,
+            )
+            packed = [local, masked]
+            for _, v in members:
+                packed += list(_to_int64_rows(v))
+            gathered = all_gather_uneven(packed, group, counts=[row[5] for row in rows])
+            every, every_masked, start = gathered[0], gathered[1], 2
+            for s, v in members:
+                width = math.prod(v.shape[1:])
+                value = _from_int64_rows(gathered[start : start + width], v)
+                out[s.name] = (every_masked if s.nonfinite == "skip" else every, value)
+                start += width
+        return out
+
+    def _tag(self, members: list[tuple[Scorer, Tensor]]) -> str:
+        return f"ScorerCollection({', '.join(s.name for s, _ in members)})"
 
     def new_run(self) -> None:
         """Start a new training run on every scorer (see :meth:`Scorer.new_run`)."""
@@ -144,8 +205,82 @@ class ScorerCollection:
 
     # -- results ---------------------------------------------------------------------------------
     def compute(self) -> dict[str, Tensor]:
-        """``{name: scores}``, each a scorer's ``compute()`` (a collective under DDP)."""
-        return {name: s.compute() for name, s in self._scorers.items()}
+        """``{name: scores}``, each what the scorer's ``compute()`` returns.
+
+        Under ``torch.distributed`` a collective: one header, then one all-reduce per
+        (reduction, dtype) for every scorer's declared reductions together (the sums of all
+        running means in one), plus the collectives of scorers that merge their own way
+        (``Misclassified``).
+        """
+        scorers = list(self._scorers.values())
+        if not any(is_distributed(s.process_group) for s in scorers):
+            return {name: s.compute() for name, s in self._scorers.items()}
+        groups: dict[int, list[Scorer]] = {}
+        for s in scorers:
+            groups.setdefault(id(s.process_group), []).append(s)
+        scores: dict[str, Tensor] = {}
+        for members in groups.values():
+            scores.update(self._compute_group(members))
+        return {name: scores[name] for name in self._scorers}
+
+    def _compute_group(self, members: list[Scorer]) -> dict[str, Tensor]:
+        group = members[0].process_group
+        if not is_distributed(group):
+            return {s.name: s.compute() for s in members}
+        for s in members:
+            s._flush()
+        first = members[0]
+        size, rank = world(group)
+        exchange_header(
+            f"ScorerCollection({', '.join(s.name for s in members)})",
+            OP_COMPUTE,
+            run=first.num_runs,
+            num_updates=first.num_updates,
+            length=first._run_updates,
+            device=first.device,
+            group=group,
+            require_equal_updates=False,
+        )
+        # every rank's (num_updates, num_runs, run updates) per scorer travel in the int64 sum
+        counts = torch.zeros(size, len(members), 3, dtype=torch.int64, device=first.device)
+        counts[rank] = torch.tensor(
+            [[s.num_updates, s.num_runs, s._run_updates] for s in members], dtype=torch.int64
+        )
+        states = [{k: v[: s.num_examples] for k, v in s._state.items()} for s in members]
+        fused: dict[tuple[str, torch.dtype], list[tuple[int, str | None, Tensor]]] = {}
+        fused[("sum", torch.int64)] = [(-1, None, counts)]
+        for k, s in enumerate(members):
+            fused[("sum", torch.int64)].append((k, None, s._skipped.to(torch.int64).view(1)))
+            if type(s)._merge is not Scorer._merge:
+                continue  # merges its own way, below
+            for name, spec in s._specs.items():
+                if spec.reduce is not None:
+                    entry = (k, name, states[k][name])
+                    fused.setdefault((spec.reduce, spec.dtype), []).append(entry)
+        merged = [dict(state) for state in states]
+        skipped: list[Tensor] = [torch.zeros(())] * len(members)
+        for (op, _), entries in fused.items():
+            results = all_reduce_many([t for _, _, t in entries], op, group)
+            for (k, name, _), result in zip(entries, results, strict=True):
+                if k < 0:
+                    counts = result
+                elif name is None:
+                    skipped[k] = result.view(())
+                else:
+                    merged[k][name] = result
+        every = counts.tolist()  # (rank, scorer, [updates, runs, run updates])
+        for k, s in enumerate(members):
+            rows = [every[r][k] for r in range(size)]
+            if s.exchanges_updates and any(row[:2] != rows[0][:2] for row in rows):
+                raise DistributedMismatchError(_out_of_step(s.name, rows))
+            s._rank_updates = [row[0] for row in rows]
+            s._rank_run_updates = [row[2] for row in rows]
+        out = {}
+        for k, s in enumerate(members):
+            if type(s)._merge is not Scorer._merge:
+                merged[k] = s._merge(states[k])
+            out[s.name] = s._finish(merged[k], skipped[k], stacklevel=3)
+        return out
 
     def reset(self) -> None:
         """Reset every scorer."""
@@ -199,3 +334,38 @@ class ScorerCollection:
 
     def __repr__(self) -> str:
         return f"ScorerCollection({', '.join(repr(s) for s in self._scorers.values())})"
+
+
+def _to_int64_rows(values: Tensor) -> list[Tensor]:
+    """``(B,)`` or ``(B, k)`` values of any dtype as 1-D int64 rows that keep every bit (floats
+    bit-cast to the integer of their width), for one integer all-gather."""
+    flat = values.reshape(values.shape[0], math.prod(values.shape[1:]))
+    if flat.dtype.is_floating_point:
+        flat = flat.contiguous().view(_SAME_WIDTH[flat.element_size()])
+    return list(flat.to(torch.int64).T)
+
+
+def _from_int64_rows(rows: list[Tensor], like: Tensor) -> Tensor:
+    """The inverse of :func:`_to_int64_rows` for gathered rows: values of ``like``'s dtype and
+    trailing shape."""
+    flat = torch.stack(rows, dim=1)  # (B_global, k)
+    if like.dtype.is_floating_point:
+        flat = flat.to(_SAME_WIDTH[like.element_size()]).view(like.dtype)
+    else:
+        flat = flat.to(like.dtype)
+    return flat.reshape(flat.shape[0], *like.shape[1:])
+
+
+_SAME_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _out_of_step(name: str, rows: list[list[int]]) -> str:
+    ranks = "; ".join(
+        f"rank {r}: {updates} update(s) in {runs} run(s)" for r, (updates, runs, _) in enumerate(rows)
+    )
+    return (
+        f"ScorerCollection.compute(): {name} is order-dependent and the ranks are out of step "
+        f"({ranks}). Every rank must call update() the same number of times (and new_run() "
+        "together): on a rank that has no batch for a step call update_indexed with an empty "
+        "batch (0 indices, (0, C) logits, 0 targets)."
+    )

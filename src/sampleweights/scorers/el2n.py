@@ -5,32 +5,35 @@ Training", NeurIPS 2021. The score is averaged over every update it receives: se
 Diet averages 10 runs) or several epochs accumulate into one running mean.
 
 Precision: with ``p = softmax(logits)`` and ``q`` = p with the target entry zeroed,
-``‖p − e_y‖² = Σ_{j≠y} p_j² + (1 − p_y)² = Σq² + (Σq)²``. Both terms are sums of non-negative
-numbers, so the result is exact to fp32 rounding (~1e-7 relative) even for confident examples,
-where the tempting ``Σp² − 2p_y + 1`` cancels catastrophically (absolute error ~1e-4 on scores of
-~1e-4: exactly the easy end that pruning removes).
+``‖p − e_y‖² = Σq² + (Σq)²``: both terms are sums of non-negative numbers, so the result is exact
+to fp32 rounding (~1e-7 relative) even for confident examples, where the tempting
+``Σp² − 2p_y + 1`` cancels catastrophically (absolute error ~1e-4 on scores of ~1e-4: exactly the
+easy end that pruning removes). ``√((Σq)² + Σq²) = Σq·√(1 + ‖q / Σq‖²)``, the norm taken after a
+power-of-two scaling so tiny entries do not underflow when squared.
+
+One implementation: :func:`el2n`, the :class:`EL2N` scorer and a
+:class:`~sampleweights.ScorerCollection` all compute through
+:class:`~sampleweights.scorers.rowstats.RowStats` (one ``(B, C)`` fp32 buffer: ``x − max``,
+exponentiated in place, one sum, one norm), so the three agree bit for bit.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from sampleweights.scorers.base import RunningMeanScorer
+from sampleweights.scorers.rowstats import RowStats
 
-if TYPE_CHECKING:
-    from sampleweights.scorers.rowstats import RowStats
 
 __all__ = ["EL2N", "el2n"]
-
-_TINY = torch.finfo(torch.float32).tiny  # smallest normal fp32
-_SMALL_C = 32  # up to this many classes the softmax is computed by hand (see el2n)
 
 
 def el2n(logits: Tensor, targets: Tensor) -> Tensor:
     """Per-example EL2N ``‖softmax(logits) − e_y‖₂``, float32, shape ``(B,)``.
+
+    The same bits as the :class:`EL2N` scorer's per-example values (one implementation).
+    Not differentiable: the logits are detached.
 
     Args:
         logits: ``(B, C)`` of any float dtype; the math runs in fp32.
@@ -41,23 +44,8 @@ def el2n(logits: Tensor, targets: Tensor) -> Tensor:
         >>> el2n(torch.tensor([[0.0, 0.0]]), torch.tensor([0]))  # p = (.5, .5): √(.25 + .25)
         tensor([0.7071])
     """
-    if logits.shape[1] <= _SMALL_C:
-        # torch.softmax pays a large per-row overhead on CPU for short rows (~99 µs for 512 × 10
-        # on one thread, against ~25 µs by hand): exponentiate by hand and normalise the sums
-        q = torch.exp(logits.float() - logits.amax(dim=1, keepdim=True).float())  # (B, C)
-        total = q.sum(dim=1, keepdim=True)  # (B, 1)
-    else:
-        q = torch.softmax(logits, dim=1, dtype=torch.float32)  # (B, C), a fresh buffer
-        total = None
-    q.scatter_(1, targets.view(-1, 1), 0.0)  # p (up to scale) with the target entry zeroed
-    mass = q.sum(dim=1, keepdim=True)  # Σq = 1 − p_y, without cancellation (up to scale)
-    # √Σq² underflows in fp32 for confident examples (q ~ 1e-23 → q² < 1e-45), so take the norm
-    # of q / Σq, whose entries lie in [0, 1], and scale back:
-    # √((Σq)² + Σq²) = Σq · √(1 + ‖q / Σq‖²), with ‖q / Σq‖ ≤ 1.
-    spread = torch.linalg.vector_norm(q.div_(mass.clamp_min(_TINY)), dim=1)
-    wrong_mass = (mass if total is None else mass.div_(total)).squeeze(1)
-    scores: Tensor = wrong_mass.mul_(spread.square_().add_(1.0).sqrt_())
-    return scores
+    targets = targets.to(logits.device, torch.int64)
+    return RowStats(logits.detach(), targets, margins=False).el2n
 
 
 class EL2N(RunningMeanScorer):
@@ -90,4 +78,4 @@ class EL2N(RunningMeanScorer):
         return el2n(logits, targets)
 
     def _values_from(self, stats: RowStats) -> Tensor:
-        return stats.el2n  # el2n(logits, targets), computed once per batch in a collection
+        return stats.el2n  # el2n(logits, targets) bit for bit, shared in a collection

@@ -173,10 +173,24 @@ class ForgettingTracker(Scorer):
         return torch.where(seen > 0, score, torch.nan).to(torch.float32)
 
     def _check_loaded(
-        self, state: dict[str, Tensor], *, num_updates: int, run_updates: int
+        self, state: dict[str, Tensor], *, num_updates: int, num_runs: int, run_updates: int
     ) -> str | None:
-        if bool((state["runs_unlearned"] > state["runs_seen"]).any()):
-            return "State 'runs_unlearned' exceeds 'runs_seen' for some examples: it is corrupt."
-        if run_updates == 0 and bool((state["presentations"] > 0).any()):
+        finished = num_runs - (run_updates > 0)  # runs folded into runs_*
+        presentations, learned = state["presentations"], state["learned"]
+        checks = (
+            (state["runs_unlearned"] > state["runs_seen"], "'runs_unlearned' exceeds 'runs_seen'"),
+            (
+                state["runs_seen"].to(torch.int64) > finished,
+                f"'runs_seen' exceeds the {finished} finished run(s)",
+            ),
+            ((state["runs_seen"] == 0) & (state["runs_total"] > 0), "'runs_total' counts no run"),
+            (learned & (presentations == 0), "'learned' is set without a presentation"),
+            (state["last_correct"] & ~learned, "'last_correct' is set but 'learned' is not"),
+            (state["events"] >= presentations.clamp_min(1), "'events' lack presentations"),
+        )
+        for bad, what in checks:
+            if bool(bad.any()):
+                return f"State {what} for some examples: it is corrupt."
+        if run_updates == 0 and bool((presentations > 0).any()):
             return "The state has presentations in the current run but run_updates=0."
         return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Literal, get_args
 
 import torch
@@ -36,7 +36,13 @@ from sampleweights.pergrad import (
     vmap_sq_norms,
 )
 from sampleweights.pergrad.exact import _signature
-from sampleweights.pergrad.vmap import _first_line
+from sampleweights.pergrad.vmap import (
+    _first_line,
+    _map_tensors,
+    _state_restored,
+    _tensor_leaves,
+    _without_inference_tensors,
+)
 from sampleweights.scorers.base import NonFinite, RunningMeanScorer
 from sampleweights.scorers.passes import model_mode, unwrap_model
 from sampleweights.validation import as_index_tensor
@@ -82,7 +88,9 @@ class GraNd(RunningMeanScorer):
     GraNd takes no logits: ``update(batch)`` runs its own forward and backward on the batch, in
     its ``mode`` (eval by default; each module's flag restored afterwards, also inside
     :func:`~sampleweights.score_dataset`), and leaves the model's ``.grad``, hooks, modes and
-    weights as they were. Use :func:`~sampleweights.score_dataset` for the Data Diet flow (score a
+    weights as they were (``nn.Embedding(max_norm=…)`` renormalises rows in place in every
+    forward: GraNd scores the gradient at the renormalised rows, as a training step would, and
+    puts the weight back). Use :func:`~sampleweights.score_dataset` for the Data Diet flow (score a
     checkpoint or the initialisation; several seeds average in the running mean).
 
     Engines, one answer:
@@ -332,28 +340,38 @@ class GraNd(RunningMeanScorer):
     def _sq_norms(self, batch: Any, targets: Tensor, forward: Forward) -> Tensor:
         model = self.model
         device = model_device(model)
-        targets = targets.to(device, non_blocking=True)
         named = dict(model.named_parameters())
         names = self.param_names
         scored = [named[n] for n in names]
         with (
+            torch.inference_mode(False),  # GraNd's pass needs autograd, whatever surrounds it
+            torch.enable_grad(),
             model_mode(model, train=self.mode == "train"),
             _requiring_grad(scored),
-            _renormed_weights_restored(model),
+            _state_restored(model),  # buffers a forward updates, Embedding(max_norm) weights
         ):
+            batch = _without_inference_tensors(batch)
+            targets = _without_inference_tensors(targets).to(device, non_blocking=True)
             _check_batch_coupling(model)
             if targets.shape[0] == 0:  # an empty batch (a pad=False shard's last): nothing to do
                 dtype = torch.float64 if scored[0].dtype == torch.float64 else torch.float32
                 return torch.zeros(0, dtype=dtype, device=device)
             loss_fn = _checked_loss(self.loss_fn)
-            args = (model, names, batch, targets, forward, loss_fn)
+            chunk = self.chunk_size
             if self.engine == "vmap":
-                return vmap_sq_norms(*args, self.chunk_size)
+                return vmap_sq_norms(model, names, batch, targets, forward, loss_fn, chunk)
             if self.engine == "loop":
-                return loop_sq_norms(*args)
-            if self.engine == "hooks":
+                return loop_sq_norms(model, names, batch, targets, forward, loss_fn)
+
+            def exact(b: Any) -> Tensor:
+                return exact_sq_norms(model, names, b, targets, forward, loss_fn, chunk)
+
+            def hooks(b: Any) -> Tensor:
+                args = (model, names, b, targets, forward, loss_fn)
+                if self.engine == "auto":
+                    return _auto_sq_norms(*args, chunk)
                 try:
-                    return hooks_sq_norms(*args, strict=True, chunk_size=self.chunk_size)
+                    return hooks_sq_norms(*args, strict=True, chunk_size=chunk)
                 except RuntimeError as err:
                     if isinstance(err, PerExampleGradientError | BatchCoupledError):
                         raise
@@ -362,7 +380,10 @@ class GraNd(RunningMeanScorer):
                         f"{_first_line(err)}. Use engine='auto' (it falls back to the exact "
                         "engines) or engine='loop'."
                     ) from err
-            return _auto_sq_norms(*args, self.chunk_size)
+
+            return _input_checked(
+                model, batch, targets.shape[0], hooks, exact if self.engine == "auto" else None
+            )
 
     def _values(self, logits: Tensor, targets: Tensor) -> Tensor:
         raise TypeError("GraNd scores with the model: call update(batch) or update_indexed().")
@@ -378,6 +399,63 @@ class GraNd(RunningMeanScorer):
 _HOOKS_FAILED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, str]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+# model → {(mode, batch structure): whether its forward changes the batch's tensors in place}
+_CHANGES_INPUT: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, bool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _input_checked(
+    model: nn.Module,
+    batch: Any,
+    n: int,
+    hooks: Callable[[Any], Tensor],
+    exact: Callable[[Any], Tensor] | None,
+) -> Tensor:
+    """``hooks(batch)``, unless the model's forward changes its input in place (``x.mul_(2)``).
+
+    The hooks pass calls the forward several times on the same batch (probes, the pass, the
+    exact engines for what no rule covers), so such a forward would feed the later calls a
+    changed batch. On the first batch of each structure the batch is copied and its tensors'
+    version counters watched: if the forward changed them, the update is redone from the copy
+    by ``exact`` (``engine="auto"``: ``vmap`` and the loop give every example a copy), and so are
+    later batches of that structure; ``engine="hooks"`` (``exact`` None) raises instead.
+    """
+    key = (model.training, _signature(batch, n))
+    known = _CHANGES_INPUT.setdefault(model, {})
+    changes = known.get(key)
+    if changes is True:
+        return _changed_input(model) if exact is None else exact(batch)
+    if changes is False:
+        return hooks(batch)
+    leaves = _tensor_leaves(batch)
+    versions = [t._version for t in leaves]
+    pristine = _map_tensors(batch, lambda t: t.detach().clone())
+    result = hooks(batch)
+    known[key] = changes = any(t._version != v for t, v in zip(leaves, versions, strict=True))
+    if not changes:
+        return result
+    if exact is None:
+        return _changed_input(model)
+    warnings.warn(
+        f"GraNd: this {type(model).__name__}'s forward changes its input in place; the hooks "
+        "engine runs the forward several times on a batch, so it is scored by the exact engines "
+        "instead (each example a copy). Decided once for this model and batch structure.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return exact(pristine)
+
+
+def _changed_input(model: nn.Module) -> Tensor:
+    raise PerExampleGradientError(
+        f"GraNd's hooks engine cannot score this {type(model).__name__}: its forward changes its "
+        "input in place (e.g. x.mul_(2) or x -= mean), and the hooks engine runs the forward "
+        "several times on the same batch. Make the change out of place (x = x * 2), or use "
+        "engine='auto' or engine='loop' (they give every example a copy)."
+    )
 
 
 def _auto_sq_norms(
@@ -460,26 +538,6 @@ def _requiring_grad(params: list[nn.Parameter]) -> Any:
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def _renormed_weights_restored(model: nn.Module) -> Any:
-    """Put back the weights that ``nn.Embedding(max_norm=…)`` renormalises in place during the
-    forward, so scoring leaves the model's weights as they were (the scored gradient is the one
-    at the renormalised rows, as in a training step)."""
-    renormed = [
-        m.weight
-        for m in model.modules()
-        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.max_norm is not None
-    ]
-    saved = [w.detach().clone() for w in renormed]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for w, value in zip(renormed, saved, strict=True):
-                if not torch.equal(w, value):
-                    w.copy_(value)
 
 
 def _check_batch_coupling(model: nn.Module) -> None:

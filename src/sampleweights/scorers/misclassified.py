@@ -36,7 +36,8 @@ class Misclassified(Scorer):
     **Runs.** An error set belongs to one model: after :meth:`new_run`, the first update of the
     new run forgets the previous run, so the scores are the latest run's latest presentations
     (NaN for examples that run has not presented yet; until its first update, the previous
-    run's).
+    run's). Under ``torch.distributed`` the new run begins at the first update on any rank: a
+    rank without an update since ``new_run()`` contributes nothing from the previous run.
 
     State: 5 bytes per example (bool wrong + int32 update number of the latest presentation).
     Under ``torch.distributed``, ``compute()`` merges the ranks by the latest (update number,
@@ -87,6 +88,10 @@ class Misclassified(Scorer):
         size, rank = world(self.process_group)
         group = self.process_group
         step = state["step"].to(torch.int64)
+        if self._run_updates == 0 and any(self._rank_run_updates):
+            # this rank has had no update since new_run() while another rank has: its state is
+            # the previous run's, which the current run forgets
+            step = torch.zeros_like(step)
         seen = step > 0
         key = torch.where(seen, step * size + rank, -1)
         latest = all_reduce_copy(key, "max", group)
@@ -121,11 +126,19 @@ class Misclassified(Scorer):
         return torch.where(state["step"] > 0, wrong, torch.nan)
 
     def _check_loaded(
-        self, state: dict[str, Tensor], *, num_updates: int, run_updates: int
+        self, state: dict[str, Tensor], *, num_updates: int, num_runs: int, run_updates: int
     ) -> str | None:
-        if state["step"].numel() and int(state["step"].max()) > num_updates:
+        step = state["step"]
+        if step.numel() and int(step.max()) > num_updates:
             return (
-                f"State 'step' holds update number {int(state['step'].max())}, beyond "
+                f"State 'step' holds update number {int(step.max())}, beyond "
                 f"num_updates={num_updates}: the state is corrupt."
+            )
+        first = num_updates - run_updates  # updates before the current run
+        if run_updates and num_runs > 1 and bool(((step > 0) & (step <= first)).any()):
+            return (
+                f"State 'step' holds update numbers <= {first}, from a run before the current "
+                f"one (which began at update {first + 1} and forgets earlier runs): the state "
+                "is corrupt."
             )
         return None

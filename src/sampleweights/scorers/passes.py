@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import torch
@@ -97,12 +97,16 @@ def score_dataset(
         *scorers: one or more scorers (a :class:`~sampleweights.ScorerCollection` counts as one
             logit scorer: one shared read of each batch).
         forward: ``forward(model, batch) -> output`` (output: logits tensor, or a dict/object
-            with ``logits``). Default: ``model(batch[0])`` for tuple batches,
-            ``model(**inputs)`` for dict batches, inputs moved to the model's device.
+            with ``logits``). Default: ``model(layout.model_input(batch))`` with the scorers'
+            :class:`~sampleweights.BatchLayout` (``model(batch[0])`` for ``(input, target,
+            index)`` batches), ``model(**inputs)`` for dict batches, inputs moved to the model's
+            device. Scorers whose layouts name different inputs are a ValueError.
         progress: show a tqdm progress bar when tqdm is installed.
 
     Raises:
         TypeError: if an argument is not a scorer or the model is not an ``nn.Module``.
+        ValueError: if a scorer's layout cannot read a batch (raised before any scorer changes)
+            or, with the default forward, the layouts name different model inputs.
 
     Example:
         >>> import torch
@@ -138,8 +142,17 @@ def score_dataset(
     # one model call for all logit scorers; the default forward finds the inputs of a dict batch
     # with the first scorer's layout
     fwd = forward or default_forward(logit_scorers[0].layout if logit_scorers else None)
+    checked = forward is not None
     with eval_mode(model):
         for batch in batches:
+            # read every scorer's indices and targets first: a layout that rejects the batch
+            # raises before any scorer has changed
+            for s in scorers:
+                s.layout.indices(batch)
+                s.layout.targets(batch)
+            if not checked:  # the default forward: every layout must name the same model input
+                _check_same_input(batch, scorers)
+                checked = True
             if logit_scorers:
                 with torch.no_grad():
                     logits = logits_of(fwd(model, batch))
@@ -147,6 +160,25 @@ def score_dataset(
                     s.update(batch, logits)
             for s in model_scorers:
                 s._score_batch(batch, forward)
+
+
+def _check_same_input(batch: Any, scorers: tuple[Scorer | ScorerCollection, ...]) -> None:
+    """With the default forward, refuse scorers whose layouts name different model inputs."""
+    layouts = list(dict.fromkeys(s.layout for s in scorers))
+    if len(layouts) < 2:
+        return
+    inputs = [layout.model_input(batch) for layout in layouts]
+    if isinstance(batch, Mapping):
+        same = all(sorted(x) == sorted(inputs[0]) for x in inputs[1:])
+    else:
+        same = all(x is inputs[0] for x in inputs[1:])
+    if not same:
+        raise ValueError(
+            "The scorers' layouts name different model inputs of the same batch "
+            f"({', '.join(repr(layout) for layout in layouts)}); score_dataset calls the model "
+            "once per batch. Give every scorer the same BatchLayout(input_pos=...), or pass "
+            "forward=lambda model, batch: ... ."
+        )
 
 
 def _progress(loader: Iterable[Any]) -> Iterable[Any]:

@@ -1,26 +1,43 @@
 """Per-row statistics of a batch of logits, computed once and shared by every logit scorer.
 
 :class:`RowStats` holds one batch's validated logits ``(B, C)`` and int64 targets ``(B,)`` and
-computes, on first access, the ``(B,)`` statistics the scorers read: the argmax, the target's
-probability ``p_y`` and its complement, ``log Σ exp``, the cross-entropy, the entropy, the
-largest non-target logit, EL2N. Each is computed at most once per batch, so a
+computes, on first access, the ``(B,)`` statistics the scorers read: correctness, the target's
+probability ``p_y`` and its complement, ``log Σ exp``, the cross-entropy, the entropy, the logit
+and probability margins, EL2N. Each is computed at most once per batch, so a
 :class:`~sampleweights.ScorerCollection` of many scorers pays for each statistic once, and a
-scorer alone pays only for what it reads.
+scorer alone pays only for what it reads. :func:`~sampleweights.el2n` is ``RowStats(...).el2n``:
+the function, the scorer and a collection compute EL2N with the same operations, bit for bit.
 
-Memory: the softmax statistics come from one pass over one ``(B, C)`` fp32 buffer (``x − max``,
-exponentiated in place, two entries zeroed, then ``e·log e`` in place); the margin statistics use
-``topk(2)`` (no ``(B, C)`` buffer); EL2N comes from the same pass. At most one ``(B, C)`` fp32
-buffer is alive at a time (a test counts them), which matters for vocabularies of 32k–150k
-classes.
+The pass (one ``(B, C)`` fp32 buffer, every step in place). With ``m = max_j x_j``:
 
-Precision (all math in fp32 from logits of any float dtype). With ``t = x − max(x)`` and
-``e = exp(t)`` (the argmax entry is exactly 1), let ``R = Σ e_j`` over the classes that are
-neither the target nor the argmax — a sum of non-negative terms, exact to rounding. Then
-``Σe − 1`` (``R``, plus ``e_y`` when the target is not the argmax) and the non-target mass
-``Σ_{j≠y} e_j`` (``R``, plus 1) are sums of non-negative terms too, so ``log Σe = log1p(Σe − 1)``,
-``1 − p_y``, the cross-entropy ``log Σe − t_y`` and the entropy ``log Σe − Σ e·t / Σe`` are each a
-sum of non-negative terms: no cancellation, full relative precision even for confident examples
-(``1 − p_y ≈ 1e-20``), where ``1 − p_y`` or ``logsumexp − x_y`` computed the obvious way round to 0.
+1. ``t = x − m`` and the target's ``t_y`` read out;
+2. for the margins (when asked for before step 3): ``t_o = max_{j≠y} t_j``, one cheap
+   max-reduction with the target entry set to ``−inf`` (and set back to ``t_y``: the
+   vectorised ``exp`` takes a slow path for ``−inf``). The logit margin is ``t_y − t_o``, bit for bit ``x_y − max_{j≠y} x_j`` (one of
+   the two terms is 0: the max is ``x_y`` or ``x_o``), and ``t_y > t_o`` is "the target is the
+   unique maximum" — correctness without an arg-max reduction, which on CPU costs as much as the
+   exponentials (the arg-max decides exact ties only);
+3. ``exp(t)`` in place, ``e_y`` read out and the target entry zeroed (``q``), and
+   ``W = Σ_j q_j = Σ_{j≠y} e_j``;
+4. EL2N ``= hypot(‖u·q‖, u·W) / (u·Σe)``: the buffer scaled by ``u = 2^k ≥ 1`` with
+   ``u·W ∈ [½, 1)`` when ``W < ½`` (exact: a power of two, and no entry can overflow), its norm,
+   scaled back only if the entropy needs the buffer after it;
+5. the entropy (a log per entry: as dear as the exponentials, so only when read): the arg-max
+   entry zeroed, ``R = Σ_{j ∉ {y, argmax}} e_j``, then ``Σ e·log e`` in place.
+
+No other ``(B, C)`` buffer is made (a test counts them), which matters for vocabularies of
+32k–150k classes.
+
+Precision (all math in fp32 from logits of any float dtype; ``e_y = exp(t_y)``, ``Σe = W + e_y``):
+``1 − p_y = W / Σe`` and ``p_y = e_y / Σe`` are ratios of sums of non-negative terms: no
+cancellation, full relative precision even for confident examples (``1 − p_y ≈ 1e-20``), where
+``1 − p_y`` computed the obvious way rounds to 0. EL2N is ``√(‖q‖² + W²) / Σe`` (see
+:func:`~sampleweights.el2n`), a sum of non-negative terms, the norm taken on the scaled buffer so
+tiny entries do not underflow when squared. The cross-entropy is ``log1p(W + (e_y − 1)) − t_y``: when the target is a maximum
+``e_y − 1 = 0`` and ``log1p(W)`` is exact; otherwise the loss is at least 0.44, so the rounding of
+``W − 1`` (``2⁻²⁴`` absolute) is far below its fp32 resolution. The entropy
+``log1p(R + [y ≠ argmax]·e_y) + (−Σ e·t) / Σe`` is a sum of non-negative terms in every case
+(``Σe − 1`` is summed without the arg-max's 1).
 """
 
 from __future__ import annotations
@@ -32,79 +49,104 @@ from torch import Tensor
 
 __all__ = ["RowStats"]
 
-_TINY = torch.finfo(torch.float32).tiny
+_TINY = torch.finfo(torch.float32).tiny  # smallest normal fp32
 
 
-class _Softmax:
-    """The statistics of one pass over one ``(B, C)`` fp32 buffer (see the module docstring).
+class _Pass:
+    """The one ``(B, C)`` fp32 buffer and the ``(B, 1)`` statistics read from it, in stages
+    (see the module docstring): the constructor runs step 1; ``t_other`` step 2 (only before
+    step 3); ``exp`` step 3; ``el2n`` step 4; ``entropy`` step 5."""
 
-    The reductions over the buffer run at construction; the ``(B,)`` statistics derived from
-    them are computed when first read, so a scorer alone pays only for what it uses.
-    """
-
-    def __init__(self, logits: Tensor, targets: Tensor, top: tuple[Tensor, Tensor]) -> None:
-        top_logit, argmax = top[0].float().view(-1, 1), top[1]  # (B, 1) row max, (B,) argmax
-        rows = torch.arange(len(targets), device=logits.device)
+    def __init__(self, logits: Tensor, targets: Tensor) -> None:
+        self.logits = logits
+        self.top = logits.amax(dim=1, keepdim=True)  # (B, 1): a vectorised reduction, no arg-max
         if logits.dtype == torch.float32:
-            buf = logits - top_logit  # (B, C): the one buffer
+            buf = logits - self.top  # (B, C): the one buffer
         else:
-            buf = logits.float().sub_(top_logit)
-        self.t_y = buf[rows, targets]  # (B,) ≤ 0
-        buf.exp_()  # e = exp(t), in (0, 1]; e[argmax] = 1
-        buf.scatter_(1, argmax.view(-1, 1), 0.0).scatter_(1, targets.view(-1, 1), 0.0)
-        rest = buf.sum(dim=1)  # R = Σ e over j ∉ {y, argmax}
-        self.miss = (argmax != targets).to(torch.float32)  # 1 where y is not the argmax
-        self.e_y = torch.exp(self.t_y)
-        self.above_one = rest + self.miss * self.e_y  # Σe − 1, without cancellation
-        self.wrong = rest + self.miss  # W = Σ_{j≠y} e_j (the argmax's 1 when it is not y)
-        # For EL2N, ‖buf / W‖ is taken after scaling the buffer by 2^−k ≈ 1 / W (exact: a power
-        # of two; 2^126 at most, a subnormal W would overflow it), so tiny entries do not
-        # underflow when squared; scaling back restores it (but for subnormals).
-        up = torch.ldexp(torch.ones_like(rest), (-torch.frexp(self.wrong).exponent).clamp_max(126))
-        self.scaled_norm = torch.linalg.vector_norm(buf.mul_(up.view(-1, 1)), dim=1)
-        self.scaled_wrong = self.wrong * up
-        # the entropy (a log per entry: as dear as all of the above) only when asked for; until
-        # then the buffer is kept, and it is the only (B, C) buffer alive
-        self._buf: Tensor | None = buf.div_(up.view(-1, 1))
+            buf = logits.float().sub_(self.top.float())
+        self.y = targets.view(-1, 1)
+        self.buf: Tensor | None = buf
+        self._t_other: Tensor | None = None
+        self._exp_done = False
+        self._up: Tensor | None = None  # the EL2N scale while the buffer holds it
 
     @cached_property
-    def norm(self) -> Tensor:
-        return self.above_one + 1.0  # Σe
+    def t_y(self) -> Tensor:
+        """``x_y − m`` (B, 1), ≤ 0: read from the buffer while it holds ``t``, else the same
+        subtraction again (the same bits)."""
+        if not self._exp_done and self.buf is not None:
+            return self.buf.gather(1, self.y)
+        return self.logits.gather(1, self.y).float().sub_(self.top.float())
 
-    @cached_property
-    def log_norm(self) -> Tensor:
-        return torch.log1p(self.above_one)  # log Σe = logsumexp(x) − max(x), ≥ 0
+    def t_other(self) -> Tensor | None:
+        """``max_{j≠y} t_j`` (B, 1), or None once the buffer holds exponentials."""
+        if self._t_other is None and not self._exp_done and self.buf is not None:
+            t_y = self.t_y  # read before the target entry changes
+            self._t_other = self.buf.scatter_(1, self.y, -torch.inf).amax(dim=1, keepdim=True)
+            # t_y back: exp() reads e_y from the buffer (the same bits as without margins), and
+            # exp(−inf) would take a slow path of the vectorised exp (8× slower at 10 classes)
+            self.buf.scatter_(1, self.y, t_y)
+        return self._t_other
 
-    @cached_property
-    def p_target(self) -> Tensor:
-        return self.e_y / self.norm
+    def exp(self) -> None:
+        if self._exp_done:
+            return
+        if self.buf is None:  # pragma: no cover - the buffer is consumed after exp() only
+            raise RuntimeError("the shared buffer is gone")
+        self._exp_done = True
+        self.e_y = self.buf.exp_().gather(1, self.y)  # e_y = exp(t_y)
+        self.buf.scatter_(1, self.y, 0.0)  # q = e with the target entry 0
+        self.wrong = self.buf.sum(dim=1, keepdim=True)  # W = Σ_{j≠y} e_j
+        self.norm = self.wrong + self.e_y  # Σe ≥ 1
 
     @cached_property
     def wrong_mass(self) -> Tensor:
+        self.exp()
         return self.wrong / self.norm  # 1 − p_y, without cancellation
 
     @cached_property
-    def loss(self) -> Tensor:
-        return self.log_norm - self.t_y  # −log p_y: both terms ≥ 0
+    def log_norm(self) -> Tensor:
+        self.exp()
+        # Σe − 1 = W + (e_y − 1): exact (W) when the target is a maximum (e_y = 1)
+        return torch.log1p(self.wrong + (self.e_y - 1.0))
+
+    def el2n(self, logits: Tensor, targets: Tensor) -> Tensor:
+        self.exp()
+        buf = self.buf
+        if buf is None:
+            # the entropy consumed the buffer: the same operations again on a fresh one (the
+            # same bits; a collection reads EL2N first, so only a scorer's own order gets here)
+            return _Pass(logits, targets).el2n(logits, targets)
+        # u = 2^k ≥ 1 with u·W in [½, 1) for W < ½, else 1 (W = f·2^e, f in [½, 1): f / W is a
+        # power of two, exact); no entry u·q_j ≤ u·W can overflow, so ·u and ÷u are exact
+        clamped = self.wrong.clamp(_TINY, 0.5)
+        up = torch.frexp(clamped).mantissa.div_(clamped)
+        self._up = up
+        spread = torch.linalg.vector_norm(buf.mul_(up), dim=1, keepdim=True)  # ‖u·q‖
+        # ‖p − e_y‖ = √(‖q‖² + W²) / Σe = hypot(‖u·q‖, u·W) / (u·Σe)
+        scores = torch.hypot(spread, up * self.wrong).div_(up * self.norm)
+        return scores.view(-1)
 
     @cached_property
-    def el2n(self) -> Tensor:
-        # ‖p − e_y‖ = (W / Σe)·√(1 + ‖q / W‖²), q = e with the target zeroed, W = Σq (see
-        # sampleweights.el2n); ‖q / W‖² = ‖buf / W‖² + [y ≠ argmax] / W²
-        spread = (self.scaled_norm / self.scaled_wrong.clamp_min(_TINY)).square_()
-        spread += self.miss / self.wrong.square().clamp_min(_TINY)
-        scores: Tensor = self.wrong_mass * spread.add_(1.0).sqrt_()
-        return scores
+    def p_target(self) -> Tensor:
+        self.exp()
+        return self.e_y / self.norm
 
-    @cached_property
-    def entropy(self) -> Tensor:
-        buf, self._buf = self._buf, None
-        if buf is None:  # pragma: no cover - cached_property computes this once
+    def entropy(self, argmax: Tensor) -> Tensor:
+        self.exp()
+        buf, self.buf = self.buf, None  # the last use of the buffer
+        if buf is None:  # pragma: no cover - RowStats caches the entropy
             raise RuntimeError("the shared buffer is gone")
-        # Σ e·t = Σ e·log e over j ∉ {y, argmax} (≤ 0), plus e_y·t_y when y is not the argmax
-        # (whose t = 0); xlogy(0, 0) = 0 for the zeroed and underflowed entries
-        e_log_e = buf.xlogy_(buf).sum(dim=1) + self.miss * self.e_y * self.t_y
-        return self.log_norm - e_log_e / self.norm  # both terms ≥ 0
+        if self._up is not None:
+            buf.div_(self._up)  # undo EL2N's power-of-two scale: exact
+        index = argmax.view(-1, 1)
+        miss = (index != self.y).to(torch.float32)  # 1 where the target is not the arg-max
+        rest = buf.scatter_(1, index, 0.0).sum(dim=1, keepdim=True)  # R, without the 1
+        log_norm = torch.log1p(rest + miss * self.e_y)  # log Σe, Σe − 1 without cancellation
+        # Σ e·t = Σ e·log e over j ∉ {y, argmax} (≤ 0), plus e_y·t_y when y is not the arg-max;
+        # xlogy(0, 0) = 0 for the zeroed and underflowed entries
+        e_log_e = buf.xlogy_(buf).sum(dim=1, keepdim=True) + miss * self.e_y * self.t_y
+        return (log_norm - e_log_e / self.norm).view(-1)  # both terms ≥ 0
 
 
 class RowStats:
@@ -113,6 +155,11 @@ class RowStats:
     Args:
         logits: ``(B, C)`` validated, detached logits of any float dtype.
         targets: ``(B,)`` int64 class labels in ``[0, C)``, on the logits' device.
+        margins: compute ``max_{j≠y} x_j`` in the shared pass, before the exponentials (one
+            cheap reduction that also gives ``correct`` without an arg-max). ``None`` (default):
+            when a margin is read before the exponentials; ``correct`` read first takes the
+            arg-max. A :class:`~sampleweights.ScorerCollection` passes True. Only the speed
+            depends on it: the values are the same bits either way.
 
     Every statistic is a ``(B,)`` tensor on the logits' device: float32, except ``argmax``
     (int64) and ``correct`` (bool).
@@ -128,60 +175,81 @@ class RowStats:
         True
     """
 
-    def __init__(self, logits: Tensor, targets: Tensor) -> None:
+    def __init__(self, logits: Tensor, targets: Tensor, *, margins: bool | None = None) -> None:
         self.logits = logits
         self.targets = targets
+        self._margins = margins
+        if margins:
+            self._pass.t_other()
 
     @cached_property
-    def _top(self) -> tuple[Tensor, Tensor]:
-        # max and argmax in one pass (the first maximal index on ties, as Tensor.argmax)
-        values, indices = self.logits.max(dim=1)
-        return values, indices
+    def _pass(self) -> _Pass:
+        return _Pass(self.logits, self.targets)
 
-    @property
+    def _t_other(self) -> Tensor | None:
+        """``max_{j≠y} t_j`` from the shared pass when it is (or can still be) computed there."""
+        if "_pass" not in self.__dict__ and self._margins is False:
+            return None
+        return self._pass.t_other()
+
+    @cached_property
     def argmax(self) -> Tensor:
         """``argmax_j x_j`` (the first on ties, as ``Tensor.argmax``), int64."""
-        return self._top[1]
+        return self.logits.argmax(dim=1)
 
     @cached_property
     def correct(self) -> Tensor:
         """``argmax == target``, bool."""
-        return self.argmax == self.targets
-
-    @cached_property
-    def _softmax(self) -> _Softmax:
-        return _Softmax(self.logits, self.targets, self._top)
+        if "_pass" not in self.__dict__ and not self._margins:
+            return self.argmax == self.targets  # a scorer alone: the arg-max is all it needs
+        t_other = self._t_other()
+        if t_other is None:
+            return self.argmax == self.targets
+        t_y = self._pass.t_y
+        strict = (t_y > t_other).view(-1)  # the target is the unique maximum
+        tie = (t_y == t_other).view(-1)  # the target shares the maximum: the first one wins
+        if self.logits.device.type == "cpu":
+            # no device to wait for: take the arg-max only for a batch with an exact tie
+            return torch.where(tie, self.argmax == self.targets, strict) if tie.any() else strict
+        return torch.where(tie, self.argmax == self.targets, strict)
 
     @property
     def p_target(self) -> Tensor:
         """``p_y = softmax(x)_y``."""
-        return self._softmax.p_target
+        return self._pass.p_target.view(-1)
 
     @property
     def wrong_mass(self) -> Tensor:
         """``Σ_{j≠y} p_j = 1 − p_y``, without cancellation."""
-        return self._softmax.wrong_mass
+        return self._pass.wrong_mass.view(-1)
 
     @property
     def log_norm(self) -> Tensor:
-        """``logsumexp(x) − max(x) = log Σ_j exp(x_j − max x)`` (≥ 0)."""
-        return self._softmax.log_norm
+        """``logsumexp(x) − max(x) = log Σ_j exp(x_j − max x)`` (≥ 0; exact to fp32 rounding
+        when the target is a maximum, else to ``2⁻²⁴`` absolute)."""
+        return self._pass.log_norm.view(-1)
 
-    @property
+    @cached_property
     def loss(self) -> Tensor:
         """Cross-entropy ``−log p_y = logsumexp(x) − x_y``."""
-        return self._softmax.loss
+        return (self._pass.log_norm - self._pass.t_y).view(-1)  # both terms ≥ 0
 
-    @property
+    @cached_property
     def entropy(self) -> Tensor:
         """Entropy of the prediction ``−Σ_j p_j log p_j`` in nats."""
-        return self._softmax.entropy
+        return self._pass.entropy(self.argmax)
 
     @cached_property
     def target_logit(self) -> Tensor:
         """``x_y`` as float32."""
-        rows = torch.arange(len(self.targets), device=self.logits.device)
-        return self.logits[rows, self.targets].float()
+        return self.logits.gather(1, self.targets.view(-1, 1)).view(-1).float()
+
+    def _check_two_classes(self) -> None:
+        if self.logits.shape[1] < 2:
+            raise ValueError(
+                f"A margin needs `logits` with at least 2 classes, but got shape "
+                f"{tuple(self.logits.shape)}."
+            )
 
     @cached_property
     def other_logit(self) -> Tensor:
@@ -190,19 +258,23 @@ class RowStats:
         Raises:
             ValueError: with a single class there is no other logit.
         """
-        if self.logits.shape[1] < 2:
-            raise ValueError(
-                f"A margin needs `logits` with at least 2 classes, but got shape "
-                f"{tuple(self.logits.shape)}."
-            )
+        self._check_two_classes()
         top2 = self.logits.topk(2, dim=1).values.float()  # (B, 2)
         # the second largest when the target is the argmax (a tied max is then the second too)
-        return torch.where(self.correct, top2[:, 1], top2[:, 0])
+        return torch.where(self.argmax == self.targets, top2[:, 1], top2[:, 0])
 
     @cached_property
     def logit_margin(self) -> Tensor:
-        """``x_y − max_{j≠y} x_j`` (Pleiss et al.'s margin; negative when misclassified)."""
-        return self.target_logit - self.other_logit
+        """``x_y − max_{j≠y} x_j`` (Pleiss et al.'s margin; negative when misclassified).
+
+        Raises:
+            ValueError: with a single class there is no other logit.
+        """
+        self._check_two_classes()
+        t_other = self._t_other()
+        if t_other is None:  # the shared pass is past its exponentials: the same bits by topk
+            return self.target_logit - self.other_logit
+        return (self._pass.t_y - t_other).view(-1)
 
     @cached_property
     def prob_margin(self) -> Tensor:
@@ -214,10 +286,11 @@ class RowStats:
         d = self.logit_margin
         # the leading one of x_y and x_o is the row's max, whose probability is 1 / Σe
         lead = torch.where(d >= 0, -torch.expm1(-d), torch.expm1(d))
-        return lead / self._softmax.norm
+        self._pass.exp()
+        return lead / self._pass.norm.view(-1)
 
-    @property
+    @cached_property
     def el2n(self) -> Tensor:
-        """EL2N ``‖softmax(x) − e_y‖₂``, from the shared pass, without cancellation (the formula
-        of :func:`~sampleweights.el2n`, to fp32 rounding)."""
-        return self._softmax.el2n
+        """EL2N ``‖softmax(x) − e_y‖₂`` without cancellation: what :func:`~sampleweights.el2n`
+        returns, bit for bit."""
+        return self._pass.el2n(self.logits, self.targets)

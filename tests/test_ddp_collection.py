@@ -1,0 +1,149 @@
+"""ScorerCollection under a real 2-process gloo group: equal to one process replaying the same
+presentations, the same bits on every rank, and its collectives fused (counted)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import sampleweights as sw
+from ddp import run_ddp
+
+pytestmark = pytest.mark.ddp
+
+N, CLASSES = 23, 5
+# per step, the batch length on each rank: uneven, and an empty batch on each rank once
+LENGTHS = [(5, 2), (3, 4), (0, 3), (4, 0), (6, 1), (2, 5), (3, 3)]
+NEW_RUN_BEFORE = 4  # every rank calls new_run() before this step
+
+
+def _scorers() -> list[sw.Scorer]:
+    return [
+        sw.EL2N(N),
+        sw.ForgettingTracker(N, across_runs="sum"),
+        sw.Misclassified(N),
+        sw.AUM(N),
+        sw.DataMaps(N),
+        sw.Loss(N, ema=0.7),
+    ]
+
+
+def _schedule() -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Per step, per rank: (indices, logits, targets); indices repeat within and across ranks."""
+    gen = torch.Generator().manual_seed(11)
+    steps = []
+    for lengths in LENGTHS:
+        parts = []
+        for b in lengths:
+            idx = torch.randint(0, N // 2, (b,), generator=gen)  # N // 2: many repeats
+            y = idx % CLASSES  # one label per example, right about half the time
+            logits = torch.randn(b, CLASSES, generator=gen) * 2
+            logits[torch.arange(b), y] += torch.randn(b, generator=gen) * 2 + 2.5
+            parts.append((idx, logits, y))
+        steps.append(parts)
+    return steps
+
+
+class _Count:
+    """Counts the torch.distributed collectives made while active (by wrapping them)."""
+
+    NAMES = ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast", "all_to_all")
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self) -> _Count:
+        for name in self.NAMES:
+            original = getattr(dist, name)
+            self._saved[name] = original
+
+            def wrapped(*args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+
+
+def _ranked(rank: int, world: int) -> dict:
+    collection = sw.ScorerCollection(*_scorers())
+    per_update = []
+    for k, parts in enumerate(_schedule()):
+        if k == NEW_RUN_BEFORE:
+            collection.new_run()
+        with _Count() as count:
+            collection.update_indexed(*parts[rank])
+        per_update.append(list(count.calls))
+    with _Count() as count:
+        scores = collection.compute()
+    at_compute = list(count.calls)
+    # the same scorers, each with its own collectives, for comparison
+    separate = _scorers()
+    for k, parts in enumerate(_schedule()):
+        if k == NEW_RUN_BEFORE:
+            for s in separate:
+                s.new_run()
+        for s in separate:
+            s.update_indexed(*parts[rank])
+    with _Count() as count:
+        separate_scores = {s.name: s.compute() for s in separate}
+    separate_at_compute = list(count.calls)
+    # out of step: rank 0 makes one update more while rank 1 computes -> both raise at once
+    errors = []
+    try:
+        if rank == 0:
+            collection.update_indexed(*_schedule()[0][0])
+        else:
+            collection.compute()
+    except sw.DistributedMismatchError as err:
+        errors.append(str(err))
+    return {
+        "scores": scores,
+        "separate": separate_scores,
+        "per_update": per_update,
+        "at_compute": at_compute,
+        "separate_at_compute": separate_at_compute,
+        "errors": errors,
+    }
+
+
+def _single_process() -> dict[str, torch.Tensor]:
+    """One process, each step's batch the ranks' batches in rank order."""
+    collection = sw.ScorerCollection(*_scorers())
+    for k, parts in enumerate(_schedule()):
+        if k == NEW_RUN_BEFORE:
+            collection.new_run()
+        collection.update_indexed(*(torch.cat(list(col)) for col in zip(*parts, strict=True)))
+    return collection.compute()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name].nan_to_num(-7.0), b[name].nan_to_num(-7.0)), name
+
+
+def test_collection_under_ddp_equals_one_process_with_fused_collectives():
+    ranks = run_ddp(_ranked, world=2, timeout=60)
+    want = _single_process()
+    for got in ranks:
+        _same(want, got["scores"])  # one process's scores, bit for bit, on every rank
+        _same(want, got["separate"])
+        # one exchange per update for both order-dependent scorers (forgetting, the EMA loss):
+        # a header and one data all-gather, whatever the batch length (0 included)
+        assert all(calls == ["all_gather", "all_gather"] for calls in got["per_update"])
+        # compute(): one header, one all-reduce per dtype of every summed state (float64 sums,
+        # int32 counts, int64 skipped counts with the ranks' update counts), and Misclassified's
+        # own merge (latest step, then its flags): 5 all-reduces, against 16 and 6 headers for
+        # the scorers computed one by one
+        assert got["at_compute"].count("all_gather") == 1
+        assert got["at_compute"].count("all_reduce") == 5
+        assert got["separate_at_compute"].count("all_gather") == 6
+        assert got["separate_at_compute"].count("all_reduce") == 16
+        assert len(got["errors"]) == 1 and "out of step" in got["errors"][0]
