@@ -227,3 +227,115 @@ def test_shared_statistics_hold_at_most_one_batch_by_vocabulary_buffer(dtype):
         values = [s._values_from(stats) for s in scorers]
     assert all(v.shape[0] == batch for v in values)
     assert counter.peak == 1
+
+
+# -- one implementation of EL2N; the shared pass ------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("classes", "scale"), [(1, 1.0), (2, 60.0), (10, 3.0), (1000, 30.0)])
+def test_el2n_function_scorer_and_collection_agree_bit_for_bit(dtype, classes, scale):
+    gen = torch.Generator().manual_seed(classes)
+    logits = (torch.randn(33, classes, generator=gen) * scale).to(dtype)
+    y = torch.randint(0, classes, (33,), generator=gen)
+    idx = torch.arange(33)
+    alone, in_collection = sw.EL2N(33), sw.EL2N(33)
+    alone.update_indexed(idx, logits, y)
+    others = [sw.Entropy(33), in_collection, sw.AUM(33)] if classes > 1 else [in_collection]
+    sw.ScorerCollection(*others).update_indexed(idx, logits, y)
+    want = sw.el2n(logits, y)
+    assert torch.equal(alone.compute(), want)
+    assert torch.equal(in_collection.compute(), want)
+    # whatever order the statistics are read in (the entropy consumes the shared buffer)
+    stats = RowStats(logits, y)
+    stats.entropy
+    assert torch.equal(stats.el2n, want)
+
+
+def test_margins_and_correctness_from_the_shared_pass_equal_the_direct_ones():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 7, generator=gen) * 4
+    logits[:8, 2] = logits[:8].amax(dim=1)  # exact ties with the maximum, target 2 or not
+    logits[8:12] = 0.0  # all tied
+    y = torch.randint(0, 7, (64,), generator=gen)
+    y[:4] = 2
+    direct = RowStats(logits, y, margins=False)
+    want_margin = direct.target_logit - direct.other_logit  # topk
+    want_correct = logits.argmax(dim=1) == y
+    for margins in (True, None):
+        shared = RowStats(logits, y, margins=margins)
+        assert torch.equal(shared.logit_margin, want_margin)
+        assert torch.equal(shared.correct, want_correct)
+        assert torch.equal(shared.prob_margin, direct.prob_margin)
+    assert torch.equal(direct.logit_margin, want_margin)
+    assert want_correct[:12].any() and not want_correct[:12].all()  # the ties decide both ways
+
+
+class _Ops(TorchDispatchMode):
+    """Records the ATen ops called, and whether any ``exp`` saw ``−inf``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.exp_of_minus_inf = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops.append(name)
+        if name in ("exp", "exp_") and bool((args[0] == -torch.inf).any()):
+            self.exp_of_minus_inf = True
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("classes", [10, 1000])
+def test_the_shared_pass_makes_no_arg_max_or_topk(classes):
+    """On CPU an index-returning reduction (max with indices, argmax, topk) costs as much as the
+    exponentials: the pass uses amax and comparisons instead, and never exponentiates −inf (a
+    slow path of the vectorised exp)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, classes, generator=gen) * 3
+    y = torch.randint(0, classes, (64,), generator=gen)
+    scorers = [sw.EL2N(64), sw.ForgettingTracker(64), sw.Misclassified(64), sw.AUM(64)]
+    scorers += [sw.DataMaps(64), sw.Loss(64), sw.Margin(64), sw.Confidence(64)]
+    collection = sw.ScorerCollection(*scorers)
+    for run in (lambda: sw.EL2N(64).update_indexed(torch.arange(64), logits, y),
+                lambda: collection.update_indexed(torch.arange(64), logits, y)):
+        with _Ops() as ops:
+            run()
+        assert "max" not in ops.ops and "argmax" not in ops.ops and "topk" not in ops.ops
+        assert not ops.exp_of_minus_inf
+
+
+def test_exchange_rows_keep_every_bit():
+    from sampleweights.scorers.collection import _from_int64_rows, _to_int64_rows
+
+    values = [
+        torch.tensor([1.5, float("nan"), -0.0, float("inf"), 1e-45]),
+        torch.tensor([True, False, True, True, False]),
+        torch.randn(5, 2, dtype=torch.float64),
+        torch.randn(5).to(torch.bfloat16),
+        torch.tensor([3, -1, 0, 2**40, 7]),
+        torch.empty(0, 2),
+    ]
+    for v in values:
+        rows = _to_int64_rows(v)
+        assert all(r.dtype == torch.int64 and r.dim() == 1 for r in rows)
+        back = _from_int64_rows(rows, v)
+        assert back.dtype == v.dtype and back.shape == v.shape
+        if v.dtype.is_floating_point:
+            width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[v.element_size()]
+            assert torch.equal(back.view(width), v.view(width))  # NaN payloads and -0.0 too
+        else:
+            assert torch.equal(back, v)
+
+
+def test_grouping_of_a_batch_is_shared_until_the_indices_change():
+    from sampleweights.scorers.base import last_occurrence
+
+    idx = torch.tensor([3, 1, 3, 2])
+    first = last_occurrence(idx)
+    assert last_occurrence(idx) is first  # several scorers of one update: grouped once
+    idx[0] = 0  # changed in place: grouped again
+    sorted_idx, order, is_last = last_occurrence(idx)
+    assert sorted_idx.tolist() == [0, 1, 2, 3] and is_last.all()
+    assert last_occurrence(idx.clone()) is not last_occurrence(idx)

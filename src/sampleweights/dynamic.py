@@ -229,7 +229,9 @@ class DynamicPruner(_MultisetSampler):
         low = scores.double() < threshold  # NaN < t is False: never-recorded examples are kept
         candidates = low.nonzero().squeeze(1)
         n = candidates.numel()
-        skip = math.floor(round(self.prune * n, 6))  # prune < 1, so k ≥ 1 whenever n ≥ 1
+        # k = n − s ≥ 1 whenever n ≥ 1: prune < 1, but round() can lift prune · n to n when
+        # prune is within 1e-6 / n of 1
+        skip = min(math.floor(round(self.prune * n, 6)), max(n - 1, 0))
         kept = ~low
         if n:
             gen = torch.Generator().manual_seed(_prune_seed(self.seed, epoch))
@@ -282,7 +284,8 @@ class DynamicPruner(_MultisetSampler):
 
     # -- the loss side -----------------------------------------------------------------------------
     def _indices(self, per_example_loss: Tensor, indices: Any) -> Tensor:
-        """Validate a batch (before anything changes); its indices, on the loss's device."""
+        """Validate a batch (before anything changes); its indices as int64, where they were
+        given (the host, from a DataLoader)."""
         if not isinstance(per_example_loss, Tensor) or per_example_loss.dim() != 1:
             raise ValueError(
                 "Expected `per_example_loss` of shape (batch,) — use reduction='none' — but got "
@@ -300,7 +303,7 @@ class DynamicPruner(_MultisetSampler):
                 f"{per_example_loss.numel()} losses."
             )
         check_range(idx, 0, self.num_examples, "indices", f"num_examples={self.num_examples}")
-        return idx.to(per_example_loss.device)
+        return idx
 
     def _follow(self, device: torch.device) -> None:
         """Keep the per-example state where the losses are (moved once, on the first batch)."""
@@ -323,7 +326,7 @@ class DynamicPruner(_MultisetSampler):
             ValueError, TypeError: a malformed batch or an index out of range; nothing is recorded.
         """
         idx = self._indices(per_example_loss, indices)
-        self._record(per_example_loss, idx)
+        self._record(per_example_loss, idx.to(per_example_loss.device))
 
     def _record(self, per_example_loss: Tensor, idx: Tensor) -> None:
         self._follow(per_example_loss.device)
@@ -366,8 +369,17 @@ class DynamicPruner(_MultisetSampler):
         With ``reweighter`` (e.g. JTT's ``LossReweighter(jtt_weights(...))``):
         ``reweighter(p · loss, indices)`` = ``Σᵢ pᵢ·uᵢ·lossᵢ / (B · mean(u))``, whose expectation
         over the pruning draw is the ``u``-weighted full-data loss: the two weightings compose by
-        product. The pruning rule itself always sees the raw losses. A reweighter with
-        ``sync_batch=True`` makes the DDP gradient exact with uneven per-rank batches.
+        product (``p · loss`` in at least float32, rounded once to the loss's dtype). That holds
+        for ``normalize="mean"`` and ``"batch"``; ``"weights"`` divides by the batch's ``Σ uᵢ``,
+        a ratio that no weighting keeps unbiased. The pruning rule itself always sees the raw
+        losses. A reweighter with ``sync_batch=True`` makes the DDP gradient exact with uneven
+        per-rank batches.
+
+        Unbiased means over the kept set itself: ``pad=True`` adds up to ``R − 1`` repeated
+        items to an epoch of ``R`` ranks (as ``DistributedSampler`` does), and the kept set's
+        size, not ``N``, sets how many, so a padded epoch carries up to ``R − 1`` extra draws of
+        the mean loss (shuffled, a relative excess below ``R / kept``); ``pad=False`` with
+        ``sync_batch=True`` is exact.
 
         Args:
             per_example_loss: ``(B,)`` float, with ``reduction="none"``.
@@ -390,12 +402,17 @@ class DynamicPruner(_MultisetSampler):
                     f"{reweighter.num_examples} weights; build it for the same dataset."
                 )
         idx = self._indices(per_example_loss, indices)
-        self._record(per_example_loss, idx)
+        on_device = idx.to(per_example_loss.device)
+        self._record(per_example_loss, on_device)
+        # weighted in at least float32 and rounded once: n / k in bf16 would be biased (5/3 is
+        # 1.664 there) and p · loss can overflow float16
         dtype = torch.promote_types(per_example_loss.dtype, torch.float32)
-        p = self._weights_of(idx, dtype)
+        weighted = self._weights_of(on_device, dtype) * per_example_loss.to(dtype)
         if reweighter is not None:
-            return reweighter(per_example_loss * p.to(per_example_loss.dtype), idx)
-        out = (p * per_example_loss.to(dtype)).sum() / max(per_example_loss.numel(), 1)
+            # the host-side indices: the reweighter's range check of device indices would be a
+            # host sync per step
+            return reweighter(weighted, idx).to(per_example_loss.dtype)
+        out = weighted.sum() / max(per_example_loss.numel(), 1)
         return out.to(per_example_loss.dtype)
 
     # -- reporting ---------------------------------------------------------------------------------
@@ -455,7 +472,8 @@ class DynamicPruner(_MultisetSampler):
         ``batches_in_epoch`` (``len(loader)``): ``(epoch + batches_done / batches_in_epoch) /
         epochs``. Schedule the learning rate by it (not by a step total, which pruning makes
         unknown in advance): every epoch spans the same 1/``epochs`` of the schedule, however
-        many steps it has.
+        many steps it has. Clamped to 1 for epochs trained past ``epochs`` (a schedule stays
+        at its end rather than starting over).
 
         Raises:
             TypeError: an argument is not an int.
@@ -475,7 +493,7 @@ class DynamicPruner(_MultisetSampler):
                 f"Expected `batches_done` in [0, {total}] (batches of this epoch done), but got "
                 f"{done}."
             )
-        return (self.epoch + done / total) / self.epochs
+        return min(1.0, (self.epoch + done / total) / self.epochs)
 
     # -- resume ------------------------------------------------------------------------------------
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
@@ -493,6 +511,7 @@ class DynamicPruner(_MultisetSampler):
             "scores": self._scores[:-1].cpu().clone(),
             "fresh": self._fresh[:-1].cpu().clone(),
             "decision_epoch": d.epoch,
+            "taken": self._taken,
             "kept": d.kept.clone(),
             "low": d.low.clone(),
             "scale": d.scale,
@@ -516,6 +535,11 @@ class DynamicPruner(_MultisetSampler):
                 f"{type(state_dict).__name__}."
             )
         decision, scores, fresh = self._saved_decision(state_dict.get("dynamic"), state_dict)
+        taken = state_dict["dynamic"].get("taken", True)
+        if not isinstance(taken, bool):
+            raise StateMismatchError(
+                f"Cannot resume this DynamicPruner: `dynamic.taken` must be a bool, got {taken!r}."
+            )
         old = (self._decision, self._taken, self._upweighted)
         self._install(decision)
         try:
@@ -523,6 +547,9 @@ class DynamicPruner(_MultisetSampler):
         except BaseException:
             self._decision, self._taken, self._upweighted = old
             raise
+        # a state saved before the first set_epoch holds a provisional decision: set_epoch of its
+        # epoch must still take the real one, from the losses recorded so far
+        self._taken = taken
         device = self._scores.device
         self._scores = torch.cat((scores, scores.new_full((1,), math.nan))).to(device)
         self._fresh = torch.cat((fresh, fresh.new_zeros(1))).to(device)

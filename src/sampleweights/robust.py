@@ -114,8 +114,8 @@ class GroupDROLoss:
         num_groups: the number of groups; group ids are ``0 … num_groups − 1``.
         step_size: ``η ≥ 0``, the reference's ``--robust_step_size`` (default 0.01). ``0`` keeps
             the weights uniform: the average of the group means.
-        adjustment: ``C``, one number for every group or one per group (the reference's
-            ``--generalization_adjustment``), ``≥ 0``; needs ``group_counts``.
+        adjustment: ``C``, one number (a 0-dim tensor too) for every group or one per group
+            (the reference's ``--generalization_adjustment``), ``≥ 0``; needs ``group_counts``.
         group_counts: ``n_g``, the number of *training-set* examples of each group (e.g.
             ``torch.bincount(train_groups, minlength=num_groups)``); positive where ``C_g > 0``.
         process_group: the ``torch.distributed`` group of the data-parallel ranks (default: the
@@ -166,6 +166,8 @@ class GroupDROLoss:
         if not isinstance(validate, bool):
             raise TypeError(f"Expected `validate` to be a bool, but got {validate!r}.")
         what_c = "the generalisation adjustment C"
+        if isinstance(adjustment, Tensor | np.ndarray) and adjustment.ndim == 0:
+            adjustment = adjustment.item()  # a 0-dim tensor or array: one number for every group
         if adjustment is None:
             c = torch.zeros(num_groups, dtype=torch.float64)
         elif _is_number(adjustment):

@@ -138,10 +138,22 @@ class _StateGuard:
         """Put back what changed: tensors whose version counter moved (in-place ops) or, with
         ``compare``, whose values differ (also changes made through ``.data``)."""
         with torch.no_grad():
+            differs = [False] * len(self._saved)
+            if compare and self._saved:  # one device sync for all of them
+                same = [
+                    (t == saved).all()
+                    if t.shape == saved.shape
+                    else torch.zeros((), dtype=torch.bool, device=t.device)
+                    for _, _, t, _, saved in self._saved
+                ]
+                here = same[0].device
+                differs = [not s for s in torch.stack([s.to(here) for s in same]).tolist()]
             for i, (store, name, t, version, saved) in enumerate(self._saved):
                 if store.get(name) is not t:  # reassigned in the forward
                     store[name] = t
-                if t._version != version or (compare and not torch.equal(t, saved)):
+                if t._version != version or differs[i]:
+                    if t.shape != saved.shape:  # resized in place
+                        t.resize_(saved.shape)
                     t.copy_(saved)
                     self._saved[i] = (store, name, t, t._version, saved)
 

@@ -55,6 +55,13 @@ _ENGINES: tuple[str, ...] = get_args(Engine)
 _MODES: tuple[str, ...] = get_args(Mode)
 
 
+_BATCH_OF_ONE = (
+    " This was a batch of one (the exact engines call the model on one example at a time): a "
+    "forward that drops the batch dimension (x.squeeze(), out[0]) breaks there; squeeze only "
+    "the dimensions meant (x.squeeze(-1))."
+)
+
+
 def cross_entropy_fp32(output: Any, targets: Tensor) -> Tensor:
     """The default per-example loss: cross-entropy of the logits in fp32 (or fp64), ``(B,)``.
 
@@ -65,6 +72,7 @@ def cross_entropy_fp32(output: Any, targets: Tensor) -> Tensor:
         raise ValueError(
             f"The default loss expects logits of shape (batch, classes), but the model returned "
             f"shape {tuple(logits.shape)}; pass loss_fn=lambda output, target: ... returning (B,)."
+            + (_BATCH_OF_ONE if logits.dim() == 1 and targets.shape[0] == 1 else "")
         )
     # (targets ≥ C raise torch's "Target … is out of bounds" here, before any state changes)
     if logits.dtype != torch.float64:
@@ -87,10 +95,16 @@ class GraNd(RunningMeanScorer):
 
     GraNd takes no logits: ``update(batch)`` runs its own forward and backward on the batch, in
     its ``mode`` (eval by default; each module's flag restored afterwards, also inside
-    :func:`~sampleweights.score_dataset`), and leaves the model's ``.grad``, hooks, modes and
-    weights as they were (``nn.Embedding(max_norm=…)`` renormalises rows in place in every
-    forward: GraNd scores the gradient at the renormalised rows, as a training step would, and
-    puts the weight back). Use :func:`~sampleweights.score_dataset` for the Data Diet flow (score a
+    :func:`~sampleweights.score_dataset`), and leaves the model's ``.grad``, hooks, modes,
+    weights and buffers as they were (``nn.Embedding(max_norm=…)`` renormalises rows in place in
+    every forward: GraNd scores the gradient at the renormalised rows, as a training step would,
+    and puts the weight back; buffers a forward updates, such as a custom running statistic, are
+    put back too — after every example in the exact engines, so each example meets the model as
+    it was). It runs under ``torch.no_grad()`` and ``torch.inference_mode()`` as well (inference
+    tensors in the batch are copied). A forward that changes its input in place (``x.mul_(2)``)
+    is scored on the batch as given: ``"auto"`` notices it on the first batch and scores such a
+    model with the exact engines, which give every example a copy; ``"hooks"`` refuses it.
+    Use :func:`~sampleweights.score_dataset` for the Data Diet flow (score a
     checkpoint or the initialisation; several seeds average in the running mean).
 
     Engines, one answer:
@@ -427,18 +441,28 @@ def _input_checked(
     known = _CHANGES_INPUT.setdefault(model, {})
     changes = known.get(key)
     if changes is True:
-        return _changed_input(model) if exact is None else exact(batch)
+        if exact is None:
+            raise _changed_input(model)
+        return exact(batch)
     if changes is False:
         return hooks(batch)
     leaves = _tensor_leaves(batch)
     versions = [t._version for t in leaves]
     pristine = _map_tensors(batch, lambda t: t.detach().clone())
-    result = hooks(batch)
+    try:
+        result = hooks(batch)
+    except Exception as err:  # a failure the changed input may have caused: say so
+        if all(t._version == v for t, v in zip(leaves, versions, strict=True)):
+            raise
+        known[key] = True
+        if exact is None:
+            raise _changed_input(model) from err
+        return exact(pristine)
     known[key] = changes = any(t._version != v for t, v in zip(leaves, versions, strict=True))
     if not changes:
         return result
     if exact is None:
-        return _changed_input(model)
+        raise _changed_input(model)
     warnings.warn(
         f"GraNd: this {type(model).__name__}'s forward changes its input in place; the hooks "
         "engine runs the forward several times on a batch, so it is scored by the exact engines "
@@ -449,8 +473,8 @@ def _input_checked(
     return exact(pristine)
 
 
-def _changed_input(model: nn.Module) -> Tensor:
-    raise PerExampleGradientError(
+def _changed_input(model: nn.Module) -> PerExampleGradientError:
+    return PerExampleGradientError(
         f"GraNd's hooks engine cannot score this {type(model).__name__}: its forward changes its "
         "input in place (e.g. x.mul_(2) or x -= mean), and the hooks engine runs the forward "
         "several times on the same batch. Make the change out of place (x = x * 2), or use "
@@ -521,6 +545,7 @@ def _checked_loss(loss_fn: LossFn) -> LossFn:
             raise ValueError(
                 "`loss_fn` must return per-example losses of shape (B,) (reduction='none'), "
                 f"but returned {getattr(value, 'shape', type(value).__name__)}."
+                + (_BATCH_OF_ONE if isinstance(value, Tensor) and targets.shape[0] == 1 else "")
             )
         return value
 
