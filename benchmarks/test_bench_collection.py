@@ -48,9 +48,7 @@ def _batch(batch: int, classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 @pytest.mark.parametrize(("batch", "classes"), [(512, 10), (256, 1000), (64, 32000)])
-@pytest.mark.parametrize(
-    "what", ["el2n_alone", "collection_six", "collection_all", "separate_six"]
-)
+@pytest.mark.parametrize("what", ["el2n_alone", "collection_six", "collection_all", "separate_six"])
 def test_collection_vs_separate(benchmark, batch, classes, what):
     benchmark.group = f"collection-{batch}x{classes}"
     indices, logits, targets = _batch(batch, classes)

@@ -248,7 +248,7 @@ def test_el2n_function_scorer_and_collection_agree_bit_for_bit(dtype, classes, s
     assert torch.equal(in_collection.compute(), want)
     # whatever order the statistics are read in (the entropy consumes the shared buffer)
     stats = RowStats(logits, y)
-    stats.entropy
+    assert stats.entropy.isfinite().all()
     assert torch.equal(stats.el2n, want)
 
 
@@ -298,8 +298,10 @@ def test_the_shared_pass_makes_no_arg_max_or_topk(classes):
     scorers = [sw.EL2N(64), sw.ForgettingTracker(64), sw.Misclassified(64), sw.AUM(64)]
     scorers += [sw.DataMaps(64), sw.Loss(64), sw.Margin(64), sw.Confidence(64)]
     collection = sw.ScorerCollection(*scorers)
-    for run in (lambda: sw.EL2N(64).update_indexed(torch.arange(64), logits, y),
-                lambda: collection.update_indexed(torch.arange(64), logits, y)):
+    for run in (
+        lambda: sw.EL2N(64).update_indexed(torch.arange(64), logits, y),
+        lambda: collection.update_indexed(torch.arange(64), logits, y),
+    ):
         with _Ops() as ops:
             run()
         assert "max" not in ops.ops and "argmax" not in ops.ops and "topk" not in ops.ops
@@ -336,6 +338,14 @@ def test_grouping_of_a_batch_is_shared_until_the_indices_change():
     first = last_occurrence(idx)
     assert last_occurrence(idx) is first  # several scorers of one update: grouped once
     idx[0] = 0  # changed in place: grouped again
-    sorted_idx, order, is_last = last_occurrence(idx)
+    sorted_idx, _, is_last = last_occurrence(idx)
     assert sorted_idx.tolist() == [0, 1, 2, 3] and is_last.all()
     assert last_occurrence(idx.clone()) is not last_occurrence(idx)
+    with torch.inference_mode():  # no version counter: grouped every time, and no error
+        made = torch.tensor([2, 2, 0])
+        assert last_occurrence(made) is not last_occurrence(made)
+        made[0] = 1
+        assert last_occurrence(made)[0].tolist() == [0, 1, 2]
+        c = sw.ScorerCollection(sw.ForgettingTracker(3), sw.Misclassified(3), sw.EL2N(3))
+        c.update_indexed(made, torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    assert c["misclassified"].compute().isfinite().all()

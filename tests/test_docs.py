@@ -57,10 +57,19 @@ def project_markdown() -> list[Path]:
 
 
 DOCS_WITH_CODE = [f for f in FILES if blocks(f)]
+# a page whose code needs an optional extra says so in a comment, e.g. <!-- requires: lightning -->;
+# it is skipped (not failed) where that package is not installed
+REQUIRES = re.compile(r"<!--\s*requires:\s*([\w.]+(?:\s*,\s*[\w.]+)*)\s*-->")
+
+
+def required_modules(text: str) -> list[str]:
+    return [m.strip() for found in REQUIRES.findall(text) for m in found.split(",")]
 
 
 @pytest.mark.parametrize("path", DOCS_WITH_CODE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_blocks_run(path, tmp_path, monkeypatch):
+    for module in required_modules(path.read_text()):
+        pytest.importorskip(module)
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     namespace: dict = {"__name__": "__docs__"}
@@ -112,6 +121,15 @@ def test_the_collection_check_catches_blocks_the_runner_skips(text, expected, tm
     path.write_text(text)
     assert len(fenced_python(text)) == 1
     assert len(blocks(path)) == expected
+
+
+def test_requires_comment_names_the_modules():
+    assert required_modules("x\n<!-- requires: lightning -->\n") == ["lightning"]
+    assert required_modules("<!--requires: transformers, accelerate-->") == [
+        "transformers",
+        "accelerate",
+    ]
+    assert required_modules("requires: torch") == []
 
 
 def test_api_page_names_every_public_name():

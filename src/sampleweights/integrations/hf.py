@@ -1,4 +1,4 @@
-"""Hugging Face ``Trainer``: score examples in ``compute_loss``, weight their loss, keep samplers whole.
+"""Hugging Face ``Trainer``: scores and loss weights in ``compute_loss``, samplers kept whole.
 
 ``pip install "sampleweights[hf]"``. One ``Trainer`` subclass, :class:`ScoringTrainer`, removes
 three frictions of using sampleweights with a stock ``transformers.Trainer``:
@@ -78,7 +78,7 @@ def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
-class _SamplerEpochAndState(TrainerCallback):  # type: ignore[misc]
+class _SamplerEpochAndState(TrainerCallback):
     """ScoringTrainer's own callback: the sampler's epoch at each epoch start, the per-rank state
     file at each save."""
 
@@ -102,7 +102,7 @@ class _SamplerEpochAndState(TrainerCallback):  # type: ignore[misc]
         self.trainer.save_scoring_state(folder)
 
 
-class ScoringTrainer(Trainer):  # type: ignore[misc]
+class ScoringTrainer(Trainer):
     """A ``transformers.Trainer`` that scores examples, weights their loss and keeps our samplers.
 
     Use it as ``Trainer`` (same positional and keyword arguments) with a training set over
@@ -136,8 +136,9 @@ class ScoringTrainer(Trainer):  # type: ignore[misc]
         >>> cfg = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
         ...                  num_attention_heads=2, intermediate_size=8, num_labels=2)
         >>> ds = sw.WithIndex([{"input_ids": torch.arange(4), "labels": i % 2} for i in range(6)])
-        >>> args = TrainingArguments(tempfile.mkdtemp(), use_cpu=True, report_to=[], num_train_epochs=1,
-        ...                          per_device_train_batch_size=3, save_strategy="no")
+        >>> args = TrainingArguments(tempfile.mkdtemp(), use_cpu=True, report_to=[],
+        ...                          num_train_epochs=1, per_device_train_batch_size=3,
+        ...                          save_strategy="no")
         >>> trainer = ScoringTrainer(BertForSequenceClassification(cfg), args, train_dataset=ds,
         ...                          scorer=sw.EL2N(len(ds)))
         >>> _ = trainer.train()  # doctest: +ELLIPSIS
@@ -209,8 +210,9 @@ class ScoringTrainer(Trainer):  # type: ignore[misc]
     # -- the index through remove_unused_columns ---------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if self.index_key not in self._signature_columns:
-            self._signature_columns.append(self.index_key)
+        columns: Any = self._signature_columns  # the keys RemoveColumnsCollator keeps
+        if columns is not None and self.index_key not in columns:
+            columns.append(self.index_key)
 
     # -- samplers ---------------------------------------------------------------------------------
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
@@ -290,7 +292,9 @@ class ScoringTrainer(Trainer):  # type: ignore[misc]
             "world_size": size,
             "rank": rank,
             "scorer": None if self.scorer is None else to_cpu(self.scorer.state_dict()),
-            "sampler": self.train_sampler.state_dict() if is_sw_sampler(self.train_sampler) else None,
+            "sampler": self.train_sampler.state_dict()
+            if is_sw_sampler(self.train_sampler)
+            else None,
         }
         path = os.path.join(folder, STATE_FILE.format(rank=rank))
         torch.save(state, path)
@@ -339,11 +343,13 @@ class ScoringTrainer(Trainer):  # type: ignore[misc]
         if self.scorer is not None:
             self.scorer.load_state_dict(saved["scorer"])
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
         """``Trainer.train``; resuming from a checkpoint also restores the scorer (see
         :meth:`load_scoring_state`)."""
         if resume_from_checkpoint is True:
-            found = get_last_checkpoint(self.args.output_dir)
+            found = get_last_checkpoint(self.args.output_dir)  # type: ignore[no-untyped-call]
             resume_from_checkpoint = found if found is not None else True  # Trainer's own error
         if isinstance(resume_from_checkpoint, str) and (
             self.scorer is not None or is_sw_sampler(self.train_sampler)

@@ -19,15 +19,18 @@ fallback (:func:`~sampleweights.pergrad.exact_sq_norms`) — or, with ``strict=T
 parameter, which check failed:
 
 1. *Plan* (every call). The parameter belongs to exactly one module (no tied weights), and a
-   rule is registered for that module's exact type; no global forward hook is registered
-   (``register_module_forward_hook`` runs before the module's own hooks and could change the
-   output the rule sees).
+   rule is registered for that module's exact type; the parameter has no tensor hook of its own
+   (``p.register_hook`` changes the gradient autograd gives it); no global forward hook is
+   registered (``register_module_forward_hook`` runs before the module's own hooks and could
+   change the output the rule sees).
 2. *Call* (every call). The module ran exactly once, with its input as the first positional
    argument; its output is a tensor that requires grad; the parameter has exactly one use in the
    autograd graph of the loss and that use is the module's call (the output's gradient
-   arrived); the input was not changed in place afterwards. The engine's forward hook is
-   registered with ``prepend=True``, so a user's forward hook that replaces the output (adapters,
-   steering vectors) does not change what the rule differentiates against.
+   arrived); the input was not changed in place afterwards; no other tensor hook was put on the
+   output (``out.register_hook(lambda g: 3 * g)`` in ``forward`` or in a forward hook would run
+   after the engine's and change the gradient the parameters receive). The engine's forward hook
+   is registered with ``prepend=True``, so a user's forward hook that replaces the output
+   (adapters, steering vectors) does not change what the rule differentiates against.
 3. *Shapes* (every call). Input, output and output gradient have leading dimension ``B`` (the
    number of targets); the rule returns exactly ``(B,)`` for every parameter it is given (a
    parameter the rule does not know, e.g. ``weight_g`` of ``weight_norm``, is not covered). This
@@ -36,7 +39,11 @@ parameter, which check failed:
 4. *Probe* (once per model and input signature, ``B ≥ 2``). Shape checks cannot see a
    sequence-first layout with ``T == B``, nor a batch permuted inside ``forward``. On the first
    batch of each signature — the shapes, dtypes and devices of the batch's tensor leaves, ``B``,
-   the scored parameters, the ``forward`` function, the rules and the layers' hooks — the engine
+   the scored parameters, the ``forward`` function (code, closure and default arguments), the
+   rules, and the model's state: every module (a submodule swapped in), its forward hooks and
+   pre-hooks (one added after the probe that reorders a block's input), an instance ``forward``,
+   its public ``bool``/``str``/``None``/enum attributes (``self.reverse = True``), and the global
+   forward pre-hooks — the engine
    runs its capture twice more: on the batch rolled by one example (every tensor leaf whose
    leading dimension is ``B``, and the targets), where each layer's per-example values must roll
    with it; and on the first ``⌈B/2⌉`` examples alone, where they must equal the first
@@ -57,8 +64,13 @@ parameter, which check failed:
 
 Guarantee: for a given signature, a rule's value is used only where the layer's rows were the
 examples in order on the probed batches and the per-call checks hold on this one. Not
-guaranteed: a data-dependent reordering that keeps all ``B`` rows and happens on some batches
-but not on the probed one (the per-call shape check does catch routing that changes row counts).
+guaranteed: a reordering that keeps all ``B`` rows and happens on some batches but not on the
+probed one — data-dependent (sorting by a length that was equal across the probed batch), or
+driven by state the signature leaves out: a numeric attribute (a call counter; numbers are left
+out or every call would be a new signature), a global variable or an object the ``forward``
+reads (the per-call shape check does catch routing that changes row counts). Also not seen: a
+hook on the output's autograd node (``out.grad_fn.register_prehook``), which PyTorch does not
+list.
 Cost: the first batch of each signature runs about 2.5 forward+backward passes instead of one
 (docs/performance.md measures it); later batches pay only the checks.
 """
@@ -66,6 +78,7 @@ Cost: the first batch of each signature runs about 2.5 forward+backward passes i
 from __future__ import annotations
 
 import contextlib
+import enum
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -104,6 +117,7 @@ class _Capture:
     output_dtype: torch.dtype = torch.float32  # sets the probe's tolerance
     output: Tensor | None = None
     output_version: int = 0
+    output_hooks: Any = None  # the output's tensor-hook dict, to see hooks added after ours
     active: bool = False  # set once the capture is known valid; its grad hook then applies the rule
     reached: bool = False  # the output's gradient arrived
     reason: str | None = None  # why the rule cannot be used for this call (all parameters)
@@ -155,6 +169,11 @@ def _plan(
                 reasons[by_id[id(p)]] = "shared with another module (tied weights)"
             elif rule is None:
                 reasons[by_id[id(p)]] = _no_rule_reason(module)
+            elif p._backward_hooks:
+                reasons[by_id[id(p)]] = (
+                    "a hook on the parameter (register_hook) changes its gradient, and the rule "
+                    "computes the gradient the hook would receive"
+                )
             elif global_hooks:
                 reasons[by_id[id(p)]] = (
                     "a global forward hook is registered (register_module_forward_hook); it runs "
@@ -255,6 +274,9 @@ def _forward_hook(capture: _Capture) -> Callable[..., None]:
                 _apply_rule(capture, inputs, grad)
 
         capture.handles.append(output.register_hook(grad_hook))  # type: ignore[no-untyped-call]
+        # the dict of this version of the output: hooks registered after ours (in forward, or by
+        # a user's forward hook) land in it, even if the output is then changed in place
+        capture.output_hooks = output._backward_hooks
 
     return hook
 
@@ -321,6 +343,12 @@ def _capture_pass(
         for c in captures:
             if c.calls == 0:
                 c.reject("the module was not called in the forward")
+            elif c.output_hooks is not None and len(c.output_hooks) > 1:
+                # they run after the engine's and change the gradient the parameters receive
+                c.reject(
+                    "a tensor hook on its output (register_hook) may change the gradient after "
+                    "the engine reads it"
+                )
             for local, p in c.params.items():
                 n = uses[id(p)]
                 if n != 1 and c.reason is None:
@@ -353,13 +381,15 @@ def _capture_pass(
 
 
 def _signature(
+    model: nn.Module,
     names: list[str],
     batch: Any,
     b: int,
     forward: Callable[[nn.Module, Any], Any],
     captures: list[_Capture],
 ) -> Any:
-    """What the probe's verdicts depend on: batch leaves' shapes, forward, rules, hooks."""
+    """What the probe's verdicts depend on: batch leaves' shapes, forward, rules, the model's
+    modules, hooks and flags."""
     code = getattr(forward, "__code__", None)
     if code is not None:
         cells = []
@@ -368,18 +398,50 @@ def _signature(
                 cells.append(id(cell.cell_contents))
             except ValueError:  # an empty cell
                 cells.append(0)
-        fwd: Any = (code, tuple(cells))
+        # default arguments too: ``lambda m, b, flag=flag: m(b, flag)``
+        defaults = tuple(map(id, getattr(forward, "__defaults__", None) or ()))
+        kwdefaults = getattr(forward, "__kwdefaults__", None) or {}
+        fwd: Any = (code, tuple(cells), defaults, tuple((k, id(v)) for k, v in kwdefaults.items()))
     else:
         try:
             hash(forward)
             fwd = forward
         except TypeError:
             fwd = id(forward)
-    layers = tuple(
-        (c.name, c.rule, tuple(c.module._forward_hooks), tuple(c.module._forward_pre_hooks))
-        for c in captures
-    )
-    return (b, tuple(names), _structure(batch), fwd, layers)
+    layers = tuple((c.name, c.rule) for c in captures)
+    return (b, tuple(names), _structure(batch), fwd, layers, _model_state(model))
+
+
+def _model_state(model: nn.Module) -> Any:
+    """What of the model, besides its parameters' values, may change how ``forward`` routes the
+    rows: every module (identity and type: a submodule swapped in), its forward hooks and
+    pre-hooks (one that reorders its input, added after the probe), an instance ``forward``
+    (monkeypatched), its public flags (``bool``, ``str``, ``None`` or enum attributes:
+    ``self.reverse = True``; counters and other numbers are left out, or every call would be a new
+    signature), and the global forward pre-hooks."""
+    state = []
+    for m in model.modules():
+        attrs = m.__dict__
+        flags = [(k, v) for k, v in attrs.items() if _is_flag(v) and k[0] != "_"]
+        state.append(
+            (
+                id(m),
+                type(m),
+                tuple(m._forward_hooks),
+                tuple(m._forward_pre_hooks),
+                id(attrs.get("forward")),
+                tuple(flags),
+            )
+        )
+    pre = tuple(nn.modules.module._global_forward_pre_hooks)
+    return (pre, tuple(state))
+
+
+_FLAG_TYPES = frozenset({bool, str, type(None)})
+
+
+def _is_flag(v: Any) -> bool:
+    return type(v) in _FLAG_TYPES or isinstance(v, enum.Enum)
 
 
 def _structure(batch: Any) -> Any:
@@ -534,7 +596,7 @@ def hooks_sq_norms(
     captures, by_id, reasons = _plan(model, names, b)
     verdicts: _Verdicts | None = None
     if b >= 2 and captures:
-        key = _signature(names, batch, b, forward, captures)
+        key = _signature(model, names, batch, b, forward, captures)
         verdicts = _PROBED.setdefault(model, {}).setdefault(key, _Verdicts())
         for c in captures:
             known = verdicts.decided.get(c.name, None)

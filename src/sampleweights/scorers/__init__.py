@@ -1,7 +1,7 @@
 """Scorers: per-example state keyed by dataset index, updated once per batch."""
 
 from sampleweights.scorers.aum import AUM
-from sampleweights.scorers.base import NonFinite, Scorer
+from sampleweights.scorers.base import NonFinite, Scorer, TokenReduce
 from sampleweights.scorers.collection import ScorerCollection
 from sampleweights.scorers.datamaps import DataMaps
 from sampleweights.scorers.el2n import EL2N, el2n
@@ -27,6 +27,7 @@ __all__ = [
     "NonFinite",
     "Scorer",
     "ScorerCollection",
+    "TokenReduce",
     "el2n",
     "eval_mode",
     "score_dataset",

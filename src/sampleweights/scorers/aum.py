@@ -78,12 +78,15 @@ class AUM(RunningMeanScorer):
         Args:
             scores: ``(N,)`` AUM scores (``compute()``) of a run in which the examples at
                 ``threshold_indices`` were assigned to a fake extra class.
-            threshold_indices: the indices of those threshold examples.
+            threshold_indices: the indices of those threshold examples (distinct, in
+                ``[0, N)``), or a boolean mask of shape ``(N,)``.
             percentile: in (0, 100]; Pleiss et al. use the 99th.
 
         Raises:
-            ValueError: no threshold examples, a percentile out of range, or NaN scores among
-                the threshold examples (never seen).
+            ValueError: no threshold examples, indices out of range or repeated, a mask of the
+                wrong length, a percentile out of range, or NaN scores among the threshold
+                examples (never seen).
+            TypeError: float indices, or a percentile that is not a number.
 
         Example:
             >>> import torch
@@ -98,10 +101,31 @@ class AUM(RunningMeanScorer):
             )
         if not 0.0 < float(percentile) <= 100.0:
             raise ValueError(f"Expected `percentile` in (0, 100], but got {percentile}.")
-        index = torch.as_tensor(threshold_indices, dtype=torch.int64).reshape(-1)
+        values = torch.as_tensor(scores).detach().to("cpu", torch.float64).reshape(-1)
+        index = torch.as_tensor(threshold_indices).detach().to("cpu").reshape(-1)
+        if index.dtype == torch.bool:  # a mask over the examples, not the indices 0 and 1
+            if index.numel() != values.numel():
+                raise ValueError(
+                    f"A boolean `threshold_indices` is a mask over the {values.numel()} scores, "
+                    f"but got {index.numel()} entries."
+                )
+            index = index.nonzero().view(-1)
+        elif index.numel() and (index.is_floating_point() or index.is_complex()):
+            raise TypeError(
+                f"Expected integer indices or a boolean mask as `threshold_indices`, but got "
+                f"{index.dtype}."
+            )
+        index = index.to(torch.int64)
         if index.numel() == 0:
             raise ValueError("`threshold_indices` is empty: pass the fake-class examples' indices.")
-        values = torch.as_tensor(scores).detach().to("cpu", torch.float64)[index]
+        if bool((index < 0).any()) or bool((index >= values.numel()).any()):
+            raise ValueError(
+                f"`threshold_indices` must lie in [0, {values.numel()}), but got "
+                f"{int(index.min())} … {int(index.max())}."
+            )
+        if torch.unique(index).numel() != index.numel():
+            raise ValueError("`threshold_indices` repeats an example: each one counts once.")
+        values = values[index]
         if bool(values.isnan().any()):
             raise ValueError(
                 f"{int(values.isnan().sum())} threshold examples have NaN scores (never "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -37,6 +38,7 @@ from sampleweights.distributed import (
 from sampleweights.errors import StateMismatchError
 from sampleweights.scorers.staging import HostStaging
 from sampleweights.validation import (
+    _as_index_array,
     as_index_tensor,
     check_fits,
     check_num_examples,
@@ -48,10 +50,14 @@ from sampleweights.validation import (
 if TYPE_CHECKING:
     from sampleweights.scorers.rowstats import RowStats
 
-__all__ = ["NonFinite", "RunningMeanScorer", "Scorer"]
+__all__ = ["NonFinite", "RunningMeanScorer", "Scorer", "TokenReduce"]
 
 NonFinite = Literal["raise", "skip"]
 _NONFINITE: tuple[str, ...] = ("raise", "skip")
+
+#: How per-token values of a ``(B, T, C)`` batch become one value per example.
+TokenReduce = Literal["mean", "sum", "max"]
+_TOKEN_REDUCE: tuple[str, ...] = ("mean", "sum", "max")
 
 
 Reduce = Literal["sum", "max", "min"]
@@ -101,6 +107,25 @@ class Scorer(abc.ABC):
         process_group: the ``torch.distributed`` group whose ranks share the scores (default:
             the world when initialised). ``compute()`` is then a collective: call it on every
             rank; each rank gets the full vector a single process would have computed.
+        ignore_index: for sequence batches (``(B, T, C)`` logits, ``(B, T)`` targets): the
+            target of tokens that do not count (padding, prompt), as in
+            ``F.cross_entropy``. Ignored for ``(B, C)`` batches, whose targets must be classes.
+        token_reduce: how a sequence's per-token values become its value for the update, over
+            its valid tokens: ``"mean"`` (default), ``"sum"`` or ``"max"``. Correctness
+            (``ForgettingTracker``, ``Misclassified``, ``DataMaps``' correctness) follows
+            ``min_token_accuracy`` instead.
+        min_token_accuracy: a sequence counts as correct when at least this fraction of its
+            valid tokens is predicted right (arg-max = target), in ``(0, 1]``. Default 0.5 (a
+            majority: exact match of every token is rare under teacher forcing, which would
+            leave forgetting events and the error set nearly constant); 1.0: every token.
+        chunk_tokens: compute sequence statistics ``chunk_tokens`` tokens at a time (whole
+            sequences when it is ``>= T``), bounding the ``(tokens, C)`` fp32 buffer for long
+            sequences and large vocabularies. ``None`` (default): the whole batch at once.
+
+    Sequences: an example without a valid token (every target ``ignore_index``) has no value
+    for that update: it is not counted as a presentation, ``num_empty`` counts it and
+    ``compute()`` warns. Each valid token is a row of the shared statistics, so the values are
+    those of the ``(B·T, C)`` rows, reduced per example.
 
     Runs: :meth:`new_run` starts a new training run (Data Diet averages scores over several
     runs). Order-dependent scorers never compare presentations across runs; ``num_runs``
@@ -125,8 +150,17 @@ class Scorer(abc.ABC):
         layout: BatchLayout | None = None,
         validate: bool = True,
         process_group: Any = None,
+        ignore_index: int = -100,
+        token_reduce: TokenReduce = "mean",
+        min_token_accuracy: float = 0.5,
+        chunk_tokens: int | None = None,
     ) -> None:
         self.num_examples = check_num_examples(num_examples)
+        _check_sequence_options(ignore_index, token_reduce, min_token_accuracy, chunk_tokens)
+        self.ignore_index = int(ignore_index)
+        self.token_reduce: TokenReduce = token_reduce
+        self.min_token_accuracy = float(min_token_accuracy)
+        self.chunk_tokens = chunk_tokens
         if nonfinite not in _NONFINITE:
             raise ValueError(f"Expected `nonfinite` in {list(_NONFINITE)}, but got {nonfinite!r}.")
         if layout is not None and not isinstance(layout, BatchLayout):
@@ -142,6 +176,7 @@ class Scorer(abc.ABC):
         self._specs: dict[str, _StateSpec] = {}
         self._state: dict[str, Tensor] = {}
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
+        self._empty = torch.zeros((), dtype=torch.int64)  # on the device of the values
         self._staging: HostStaging | None = None
         self.num_updates = 0
         #: runs that received at least one update (see :meth:`new_run`)
@@ -193,6 +228,12 @@ class Scorer(abc.ABC):
         """Rows dropped for non-finite logits under ``nonfinite="skip"`` (synchronises)."""
         return int(self._skipped)
 
+    @property
+    def num_empty(self) -> int:
+        """Presentations of sequences without a valid token (every target ``ignore_index``),
+        which have no value and are not counted (this process's; synchronises)."""
+        return int(self._empty)
+
     # -- updates -----------------------------------------------------------------------------------
     def update(self, batch: Any, logits: Tensor) -> None:
         """Score one batch: read its indices and targets (see ``layout``) and the model's logits.
@@ -200,7 +241,9 @@ class Scorer(abc.ABC):
         Args:
             batch: the batch as a DataLoader over :class:`~sampleweights.WithIndex` yields it,
                 ``(*inputs, target, index)`` or a dict with ``"index"`` and a target key.
-            logits: ``(B, C)`` float tensor of any float dtype; detached on entry.
+            logits: ``(B, C)`` float tensor of any float dtype, or ``(B, T, C)`` for sequences
+                (targets ``(B, T)``, ``ignore_index`` for tokens that do not count); detached
+                on entry.
 
         Raises:
             ValueError, TypeError: for a batch without indices, mismatched sizes, out-of-range
@@ -211,13 +254,42 @@ class Scorer(abc.ABC):
     def update_indexed(self, indices: Any, logits: Tensor, targets: Any) -> None:
         """Score one batch given explicitly: ``indices`` (B,), ``logits`` (B, C), ``targets`` (B,).
 
+        Sequences: ``logits`` (B, T, C) and ``targets`` (B, T), whose entries are classes in
+        ``[0, C)`` or ``ignore_index``; each example's per-token values reduce over its valid
+        tokens (``token_reduce``, ``min_token_accuracy``).
         Duplicated indices are consecutive presentations in batch order (the last is the latest).
         Every check runs before any state changes.
+
+        Example:
+            >>> import torch, sampleweights as sw
+            >>> s = sw.Loss(2)
+            >>> logits = torch.zeros(2, 3, 4)             # 2 sequences, 3 tokens, 4 classes
+            >>> targets = torch.tensor([[1, 2, -100], [0, -100, -100]])
+            >>> s.update_indexed([0, 1], logits, targets)
+            >>> s.compute()                               # mean over valid tokens: log 4
+            tensor([1.3863, 1.3863])
         """
         indices, logits, targets = self._validate(indices, logits, targets)
         targets = targets.to(logits.device, torch.int64, non_blocking=True)
+        if logits.dim() == 3:
+            tokens = TokenBatch(logits, targets, self.ignore_index, self.chunk_tokens)
+            finite = tokens.finite() if self.nonfinite == "skip" else None
+            (values,) = tokens.values([self._values_from], margins=None)
+            self._ingest(
+                indices, self._reduce_tokens(values, tokens.valid), finite, empty=tokens.empty
+            )
+            return
         finite = finite_rows(logits) if self.nonfinite == "skip" else None
         self._ingest(indices, self._values_from(_row_stats(logits, targets)), finite)
+
+    def _reduce_tokens(self, values: Tensor, valid: Tensor) -> Tensor:
+        """One value per example from per-token ``values`` (B, T) or (B, T, k) and the mask of
+        valid tokens ``valid`` (B, T): bool values (correctness) by ``min_token_accuracy``, float
+        values by ``token_reduce``; NaN for examples without a valid token (which ``_ingest``
+        drops). Scorers whose columns mix the two kinds override it (``DataMaps``)."""
+        if values.dtype == torch.bool:
+            return token_correct(values, valid, self.min_token_accuracy)
+        return reduce_tokens(values, valid, self.token_reduce)
 
     def _ingest(
         self,
@@ -225,6 +297,8 @@ class Scorer(abc.ABC):
         values: Tensor,
         finite: Tensor | None,
         exchanged: tuple[Tensor, Tensor] | None = None,
+        *,
+        empty: Tensor | None = None,
     ) -> None:
         """Scatter per-example ``values`` (B,), computed on their own device, into the state.
 
@@ -233,6 +307,8 @@ class Scorer(abc.ABC):
         batch ``(indices, values)`` of an order-dependent scorer, already exchanged by a
         :class:`~sampleweights.ScorerCollection` (one exchange for all its scorers; its indices
         carry the trash slot for skipped rows), applied instead of this scorer's own exchange.
+        ``empty`` (B,) bool marks sequences without a valid token: sent to the trash slot too,
+        and counted in ``num_empty``.
         """
         source = values.device
         indices = indices.to(source, torch.int64, non_blocking=True)
@@ -240,6 +316,11 @@ class Scorer(abc.ABC):
         if finite is not None:
             skipped = (~finite).sum()
             indices = torch.where(finite, indices, self.num_examples)
+        if empty is not None:
+            if self._empty.device != source:
+                self._empty = self._empty.to(source)
+            self._empty += empty.sum()
+            indices = torch.where(empty, self.num_examples, indices)
         if exchanged is not None:
             indices, values = exchanged
         elif self.exchanges_updates and is_distributed(self.process_group):
@@ -312,6 +393,8 @@ class Scorer(abc.ABC):
             self._apply(*staged.wait())
 
     def _validate(self, indices: Any, logits: Any, targets: Any) -> tuple[Tensor, Tensor, Tensor]:
+        if isinstance(logits, Tensor) and logits.dim() == 3:
+            return self._validate_tokens(indices, logits, targets)
         indices = as_index_tensor(indices, "indices")
         targets = as_index_tensor(targets, "targets")
         if not isinstance(logits, Tensor):
@@ -323,8 +406,8 @@ class Scorer(abc.ABC):
             )
         if logits.dim() != 2:
             raise ValueError(
-                f"Expected `logits` of shape (batch, num_classes), but got shape "
-                f"{tuple(logits.shape)}."
+                f"Expected `logits` of shape (batch, num_classes), or (batch, tokens, "
+                f"num_classes) for sequences, but got shape {tuple(logits.shape)}."
             )
         batch = logits.shape[0]
         if indices.shape[0] != batch or targets.shape[0] != batch:
@@ -356,6 +439,75 @@ class Scorer(abc.ABC):
 
             warnings.warn(
                 f"{type(self).__name__}: every row of `logits` is non-negative and sums to 1: "
+                "these look like probabilities (softmax outputs), which shrink every score. Pass "
+                "the model's raw outputs before softmax, or probs.log() if probabilities are all "
+                "you have.",
+                RuntimeWarning,
+                stacklevel=warning_stacklevel(),
+            )
+            self._warned_probabilities = True
+        return indices, logits, targets
+
+    def _validate_tokens(
+        self, indices: Any, logits: Tensor, targets: Any
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``_validate`` for a sequence batch: logits (B, T, C), targets (B, T) of classes in
+        ``[0, C)`` or ``ignore_index``; the non-finite check looks at valid tokens only."""
+        indices = as_index_tensor(indices, "indices")
+        if not isinstance(targets, Tensor):
+            targets = torch.from_numpy(_as_index_array(targets, "targets"))
+        if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+            raise TypeError(
+                f"Expected `targets` to have an integer dtype, but got {targets.dtype}."
+            )
+        if not logits.is_floating_point():
+            raise TypeError(
+                f"Expected `logits` to have a float dtype (the model's raw outputs), but got "
+                f"{logits.dtype}."
+            )
+        batch, length, classes = logits.shape
+        if targets.shape != (batch, length) or indices.shape[0] != batch:
+            raise ValueError(
+                f"Expected sequence `logits` (B, T, C) with `targets` (B, T) and `indices` (B,), "
+                f"but got the shapes logits {tuple(logits.shape)}, targets "
+                f"{tuple(targets.shape)} and indices {tuple(indices.shape)}. For a causal LM "
+                "pass the logits unshifted and the labels shifted left, padded with "
+                f"ignore_index={self.ignore_index}."
+            )
+        targets = targets.to(torch.int64)
+        valid = targets != self.ignore_index
+        if self.validate:
+            self._check_indices(indices)
+            if targets.numel() and not bool(((targets >= 0) & (targets < classes) | ~valid).all()):
+                bad = targets[valid & ((targets < 0) | (targets >= classes))]
+                raise ValueError(
+                    f"Expected `targets` in [0, {classes}) (logits have {classes} classes) or "
+                    f"equal to ignore_index={self.ignore_index}, but got {bad.numel()} other "
+                    f"value(s) in [{int(bad.min())}, {int(bad.max())}]. Pass the scorer's "
+                    "ignore_index=... if your padding label differs."
+                )
+        logits = logits.detach()
+        if self.nonfinite == "raise":
+            tokens = TokenBatch(
+                logits, targets.to(logits.device), self.ignore_index, self.chunk_tokens
+            )
+            finite = tokens.finite()
+            if not bool(finite.all()):
+                raise ValueError(
+                    f"`logits` contain NaN or inf at valid tokens of {int((~finite).sum())} of "
+                    f"{batch} sequences. Fix the model, or build the scorer with "
+                    "nonfinite='skip' to drop such sequences (e.g. fp16 overflow steps that "
+                    "GradScaler skips)."
+                )
+        if (
+            self.validate
+            and not getattr(self, "_warned_probabilities", False)
+            and looks_like_probabilities(logits)
+        ):
+            from sampleweights.validation import warning_stacklevel
+
+            warnings.warn(
+                f"{type(self).__name__}: every token's `logits` are non-negative and sum to 1: "
                 "these look like probabilities (softmax outputs), which shrink every score. Pass "
                 "the model's raw outputs before softmax, or probs.log() if probabilities are all "
                 "you have.",
@@ -480,6 +632,15 @@ class Scorer(abc.ABC):
                     RuntimeWarning,
                     stacklevel=stacklevel + 1,
                 )
+        empty = int(self._empty)
+        if empty:
+            warnings.warn(
+                f"{type(self).__name__}: {empty} presentation(s) of sequences without a valid "
+                f"token (every target == ignore_index={self.ignore_index}) had no value and were "
+                "not counted.",
+                RuntimeWarning,
+                stacklevel=stacklevel + 1,
+            )
         return scores
 
     def _merge(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -496,6 +657,7 @@ class Scorer(abc.ABC):
         for name, spec in self._specs.items():
             self._state[name].fill_(spec.fill)
         self._skipped.zero_()
+        self._empty.zero_()
         self.num_updates = 0
         self.num_runs = 0
         self._run_updates = 0
@@ -562,10 +724,10 @@ class Scorer(abc.ABC):
         """This process's state, with what is needed to check it is loaded into the right place.
 
         Keys: ``scorer``, ``version``, ``num_examples``, ``num_updates``, ``num_skipped``,
-        ``num_runs``, ``run_updates`` (updates in the current run), ``world_size``, ``rank``
-        (of the process group the state was updated in) and ``state`` (name → tensor of
-        ``num_examples`` entries, a copy). Under ``torch.distributed`` this is the local
-        (per-rank) state: save it on every rank.
+        ``num_empty``, ``num_runs``, ``run_updates`` (updates in the current run),
+        ``world_size``, ``rank`` (of the process group the state was updated in) and ``state``
+        (name → tensor of ``num_examples`` entries, a copy). Under ``torch.distributed`` this is
+        the local (per-rank) state: save it on every rank.
 
         Example:
             >>> from sampleweights import EL2N
@@ -582,6 +744,7 @@ class Scorer(abc.ABC):
             "num_examples": self.num_examples,
             "num_updates": self.num_updates,
             "num_skipped": self._skipped.clone(),
+            "num_empty": self._empty.clone(),
             "num_runs": self.num_runs,
             "run_updates": self._run_updates,
             "world_size": world_size,
@@ -644,14 +807,8 @@ class Scorer(abc.ABC):
         num_updates = _saved_count(state_dict, "num_updates", 0)
         num_runs = _saved_count(state_dict, "num_runs", 1 if num_updates else 0)
         run_updates = _saved_count(state_dict, "run_updates", num_updates)
-        skipped = state_dict.get("num_skipped", 0)
-        if isinstance(skipped, Tensor) and skipped.numel() == 1 and not skipped.is_floating_point():
-            skipped = int(skipped)
-        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
-            raise StateMismatchError(
-                f"Expected 'num_skipped' to be a count >= 0 (an int or a one-element integer "
-                f"tensor), but got {skipped!r}."
-            )
+        skipped = _saved_counter(state_dict, "num_skipped")
+        empty = _saved_counter(state_dict, "num_empty")
         earlier_runs = num_runs - (run_updates > 0)  # each had at least one update
         if (
             run_updates > num_updates
@@ -690,6 +847,7 @@ class Scorer(abc.ABC):
             dst[: self.num_examples].copy_(tensor)
             dst[self.num_examples] = self._specs[name].fill
         self._skipped.fill_(skipped)
+        self._empty.fill_(empty)
         self.num_updates = num_updates
         self.num_runs = num_runs
         self._run_updates = run_updates
@@ -802,20 +960,35 @@ def last_occurrence(indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     batch. All on device, no host sync.
     """
     global _last_occurrence_cache
+    # inference tensors track no version, so an in-place change would go unseen: not cached
+    tracked = not indices.is_inference()
     cached = _last_occurrence_cache
-    if cached is not None and cached[0] is indices and cached[1] == indices._version:
+    if tracked and cached is not None and cached[0] is indices and cached[1] == indices._version:
         return cached[2]  # the same batch again (several scorers of one collection update)
     sorted_indices, order = torch.sort(indices, stable=True)
     is_last = torch.ones_like(sorted_indices, dtype=torch.bool)
     is_last[:-1] = sorted_indices[1:] != sorted_indices[:-1]
     result = (sorted_indices, order, is_last)
-    _last_occurrence_cache = (indices, indices._version, result)
+    _last_occurrence_cache = (indices, indices._version, result) if tracked else None
     return result
 
 
 # the latest (indices, version, result) of last_occurrence: the scorers of one update share the
 # grouping of one index tensor (an in-place change of the tensor bumps its version)
 _last_occurrence_cache: tuple[Tensor, int, tuple[Tensor, Tensor, Tensor]] | None = None
+
+
+def _saved_counter(state_dict: dict[str, Any], key: str) -> int:
+    """A counter saved as an int or a one-element integer tensor (0 when absent)."""
+    value = state_dict.get(key, 0)
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StateMismatchError(
+            f"Expected {key!r} to be a count >= 0 (an int or a one-element integer "
+            f"tensor), but got {value!r}."
+        )
+    return value
 
 
 def _saved_count(state_dict: dict[str, Any], key: str, default: int) -> int:
@@ -827,3 +1000,156 @@ def _saved_count(state_dict: dict[str, Any], key: str, default: int) -> int:
             f"({type(value).__name__})."
         )
     return value
+
+
+# -- sequences ---------------------------------------------------------------------------------
+
+
+def _check_sequence_options(
+    ignore_index: Any, token_reduce: Any, min_token_accuracy: Any, chunk_tokens: Any
+) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(
+            f"Expected `ignore_index` to be an int (the target of tokens that do not count, "
+            f"e.g. -100), but got {type(ignore_index).__name__}."
+        )
+    if token_reduce not in _TOKEN_REDUCE:
+        raise ValueError(
+            f"Expected `token_reduce` in {list(_TOKEN_REDUCE)}, but got {token_reduce!r}."
+        )
+    if isinstance(min_token_accuracy, bool) or not isinstance(min_token_accuracy, int | float):
+        raise TypeError(
+            f"Expected `min_token_accuracy` to be a float in (0, 1], but got "
+            f"{type(min_token_accuracy).__name__}."
+        )
+    if not 0.0 < float(min_token_accuracy) <= 1.0:
+        raise ValueError(
+            f"Expected `min_token_accuracy` in (0, 1] (0.5: most valid tokens right; 1.0: every "
+            f"token), but got {min_token_accuracy!r}."
+        )
+    if chunk_tokens is not None and (
+        isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1
+    ):
+        raise ValueError(
+            f"Expected `chunk_tokens` to be None or an int >= 1 (tokens per chunk), but got "
+            f"{chunk_tokens!r}."
+        )
+
+
+class TokenBatch:
+    """A validated sequence batch: per-token statistics as rows, reduced per example later.
+
+    Tokens are the rows of :class:`~sampleweights.scorers.rowstats.RowStats` (``(B·T, C)``, a
+    view of contiguous logits: the shared pass's fp32 buffer is the only ``(B·T, C)`` one), with
+    ignored targets replaced by class 0 (their values are masked out by the reduction). With
+    ``chunk_tokens`` the rows come in blocks of whole sequences (``chunk_tokens >= T``) or of
+    ``chunk_tokens`` tokens of one sequence, each a view of contiguous logits, written into the
+    ``(B, T)`` per-token values; only a Python loop over blocks, no host sync.
+
+    Attributes:
+        valid: ``(B, T)`` bool, the tokens whose target is not ``ignore_index``.
+        empty: ``(B,)`` bool, the sequences without a valid token.
+    """
+
+    def __init__(
+        self, logits: Tensor, targets: Tensor, ignore_index: int, chunk_tokens: int | None
+    ) -> None:
+        self.logits = logits
+        self.valid = targets != ignore_index
+        self.safe = torch.where(self.valid, targets, 0)
+        self.empty = ~self.valid.any(dim=1)
+        self.chunk_tokens = chunk_tokens
+
+    def _blocks(self) -> list[tuple[int, int, int, int]]:
+        """``(b0, b1, t0, t1)`` blocks covering the batch (one block without ``chunk_tokens``)."""
+        batch, length, _ = self.logits.shape
+        chunk = self.chunk_tokens
+        if chunk is None or batch * length <= chunk:
+            return [(0, batch, 0, length)]
+        if chunk >= length:
+            rows = chunk // length
+            return [(b, min(b + rows, batch), 0, length) for b in range(0, batch, rows)]
+        return [
+            (b, b + 1, t, min(t + chunk, length))
+            for b in range(batch)
+            for t in range(0, length, chunk)
+        ]
+
+    def finite(self) -> Tensor:
+        """``(B,)`` bool: sequences whose valid tokens have finite logits (see
+        :func:`~sampleweights.validation.finite_rows`: ``x · 0`` sums to 0 exactly when finite)."""
+        ok = torch.empty(self.valid.shape, dtype=torch.bool, device=self.logits.device)
+        for b0, b1, t0, t1 in self._blocks():
+            block = self.logits[b0:b1, t0:t1]
+            ok[b0:b1, t0:t1] = block.mul(0).sum(dim=-1, dtype=torch.float32) == 0
+        return (ok | ~self.valid).all(dim=1)
+
+    def values(
+        self, readers: list[Callable[[RowStats], Tensor]], *, margins: bool | None
+    ) -> list[Tensor]:
+        """Per-token values ``(B, T, ...)`` of every reader (``RowStats -> (rows, ...)``), all
+        from one :class:`RowStats` per block, read in the given order."""
+        from sampleweights.scorers.rowstats import RowStats
+
+        batch, length, classes = self.logits.shape
+        blocks = self._blocks()  # never empty: B·T = 0 is one (empty) block
+        out: list[Tensor] = []
+        for b0, b1, t0, t1 in blocks:
+            rows = (b1 - b0) * (t1 - t0)
+            stats = RowStats(
+                self.logits[b0:b1, t0:t1].reshape(rows, classes),
+                self.safe[b0:b1, t0:t1].reshape(rows),
+                margins=margins,
+            )
+            got = [v.view(b1 - b0, t1 - t0, *v.shape[1:]) for v in (r(stats) for r in readers)]
+            if len(blocks) == 1:
+                return got
+            if not out:
+                out = [
+                    torch.empty((batch, length, *v.shape[2:]), dtype=v.dtype, device=v.device)
+                    for v in got
+                ]
+            for dst, v in zip(out, got, strict=True):
+                dst[b0:b1, t0:t1] = v
+        return out
+
+
+def reduce_tokens(values: Tensor, valid: Tensor, how: TokenReduce) -> Tensor:
+    """``values`` (B, T) or (B, T, k) reduced over each sequence's valid tokens (``valid``
+    (B, T) bool) by ``how`` (``"mean"``, ``"sum"``, ``"max"``), in fp32; NaN for a sequence
+    without a valid token. Masked with ``where`` (a NaN at an ignored token does not leak).
+
+    Example:
+        >>> import torch
+        >>> v = torch.tensor([[1.0, 3.0, 9.0], [2.0, 0.0, 0.0]])
+        >>> valid = torch.tensor([[True, True, False], [False, False, False]])
+        >>> reduce_tokens(v, valid, "mean"), reduce_tokens(v, valid, "max")
+        (tensor([2., nan]), tensor([3., nan]))
+    """
+    values = values.float()
+    mask = valid if values.dim() == 2 else valid.view(*valid.shape, *[1] * (values.dim() - 2))
+    empty = ~mask.any(dim=1)
+    if how == "max":
+        out = torch.where(mask, values, -torch.inf).amax(dim=1)
+    else:
+        out = torch.where(mask, values, 0.0).sum(dim=1)
+        if how == "mean":
+            count = mask.sum(dim=1, dtype=torch.float32).clamp_min(1.0)
+            out = out / count
+    return torch.where(empty, torch.nan, out)
+
+
+def token_correct(correct: Tensor, valid: Tensor, min_accuracy: float) -> Tensor:
+    """``(B,)`` bool: at least ``min_accuracy`` of a sequence's valid tokens are correct
+    (``correct``, ``valid``: (B, T) bool). False for a sequence without a valid token (which
+    has no value: ``_ingest`` drops it).
+
+    Example:
+        >>> import torch
+        >>> hit = torch.tensor([[True, False, True], [True, False, False]])
+        >>> token_correct(hit, torch.ones(2, 3, dtype=torch.bool), 0.5)
+        tensor([ True, False])
+    """
+    hits = (correct & valid).sum(dim=1, dtype=torch.float32)
+    count = valid.sum(dim=1, dtype=torch.float32)
+    return (hits >= min_accuracy * count) & (count > 0)

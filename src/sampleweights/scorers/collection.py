@@ -29,7 +29,7 @@ from sampleweights.distributed import (
     world,
 )
 from sampleweights.errors import StateMismatchError
-from sampleweights.scorers.base import Scorer
+from sampleweights.scorers.base import Scorer, TokenBatch
 from sampleweights.scorers.rowstats import RowStats
 from sampleweights.scorers.stats import Entropy
 from sampleweights.validation import finite_rows
@@ -135,8 +135,19 @@ class ScorerCollection:
 
         Every check and every scorer's values come before any state changes. Under
         ``torch.distributed`` the order-dependent scorers share one exchange (a collective).
+        Sequences (``(B, T, C)`` logits, ``(B, T)`` targets): one set of token statistics for
+        every scorer (in blocks of the smallest ``chunk_tokens`` among them, if any), each
+        scorer reducing them per example its own way; the scorers must share one
+        ``ignore_index``.
         """
         scorers = list(self._scorers.values())
+        sequence = isinstance(logits, Tensor) and logits.dim() == 3
+        ignore = sorted({s.ignore_index for s in scorers})
+        if sequence and len(ignore) > 1:
+            raise ValueError(
+                f"Expected the scorers of a collection to share one `ignore_index` for sequence "
+                f"batches, but got {ignore}: build them with the same ignore_index=..."
+            )
         checked: dict[tuple[bool, str], tuple[Tensor, Tensor, Tensor]] = {}
         for s in scorers:
             policy = (s.validate, s.nonfinite)
@@ -145,6 +156,9 @@ class ScorerCollection:
         index_t, logits_t, target_t = next(iter(checked.values()))
         target_t = target_t.to(logits_t.device, torch.int64, non_blocking=True)
         skip = any(s.nonfinite == "skip" for s in scorers)
+        if sequence:
+            self._update_tokens(scorers, index_t, logits_t, target_t, skip)
+            return
         finite = finite_rows(logits_t) if skip else None
         stats = RowStats(logits_t, target_t, margins=True)
         values: list[Tensor | None] = [None] * len(scorers)
@@ -154,8 +168,31 @@ class ScorerCollection:
         ready = [v for v in values if v is not None]
         exchanged = self._exchange(index_t, ready, finite)
         for s, v in zip(scorers, ready, strict=True):
+            s._ingest(index_t, v, finite if s.nonfinite == "skip" else None, exchanged.get(s.name))
+
+    def _update_tokens(
+        self, scorers: list[Scorer], indices: Tensor, logits: Tensor, targets: Tensor, skip: bool
+    ) -> None:
+        """``update_indexed`` for a validated sequence batch (see :class:`TokenBatch`)."""
+        chunks = [s.chunk_tokens for s in scorers if s.chunk_tokens is not None]
+        tokens = TokenBatch(logits, targets, scorers[0].ignore_index, min(chunks, default=None))
+        finite = tokens.finite() if skip else None
+        # the entropy consumes the shared buffer: read it after everything else
+        order = sorted(range(len(scorers)), key=lambda k: isinstance(scorers[k], Entropy))
+        per_token = tokens.values([scorers[k]._values_from for k in order], margins=True)
+        values: list[Tensor] = [per_token[0]] * len(scorers)
+        for k, v in zip(order, per_token, strict=True):
+            values[k] = scorers[k]._reduce_tokens(v, tokens.valid)
+        # sequences without a valid token travel to the trash slot, for the exchange too
+        kept = torch.where(tokens.empty, self.num_examples, indices.to(tokens.empty.device))
+        exchanged = self._exchange(kept, values, finite)
+        for s, v in zip(scorers, values, strict=True):
             s._ingest(
-                index_t, v, finite if s.nonfinite == "skip" else None, exchanged.get(s.name)
+                indices,
+                v,
+                finite if s.nonfinite == "skip" else None,
+                exchanged.get(s.name),
+                empty=tokens.empty,
             )
 
     def _exchange(
@@ -261,13 +298,13 @@ class ScorerCollection:
         skipped: list[Tensor] = [torch.zeros(())] * len(members)
         for (op, _), entries in fused.items():
             results = all_reduce_many([t for _, _, t in entries], op, group)
-            for (k, name, _), result in zip(entries, results, strict=True):
+            for (k, key, _), result in zip(entries, results, strict=True):
                 if k < 0:
                     counts = result
-                elif name is None:
+                elif key is None:
                     skipped[k] = result.view(())
                 else:
-                    merged[k][name] = result
+                    merged[k][key] = result
         every = counts.tolist()  # (rank, scorer, [updates, runs, run updates])
         for k, s in enumerate(members):
             rows = [every[r][k] for r in range(size)]
@@ -361,7 +398,8 @@ _SAME_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def _out_of_step(name: str, rows: list[list[int]]) -> str:
     ranks = "; ".join(
-        f"rank {r}: {updates} update(s) in {runs} run(s)" for r, (updates, runs, _) in enumerate(rows)
+        f"rank {r}: {updates} update(s) in {runs} run(s)"
+        for r, (updates, runs, _) in enumerate(rows)
     )
     return (
         f"ScorerCollection.compute(): {name} is order-dependent and the ranks are out of step "

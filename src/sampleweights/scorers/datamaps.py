@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sampleweights.scorers.base import Scorer
+from sampleweights.distributed import all_reduce_copy
+from sampleweights.scorers.base import Scorer, last_occurrence, reduce_tokens, token_correct
 from sampleweights.scorers.rowstats import RowStats
 
 __all__ = ["DataMaps"]
@@ -34,20 +35,24 @@ class DataMaps(Scorer):
     (:func:`~sampleweights.select`, :class:`~sampleweights.ScorerCollection`). :meth:`compute_all`
     returns the three statistics from one merge of the state.
 
-    Variance from sums: the state keeps ``Σ p_y`` and ``Σ p_y²`` in fp64 and the variability is
-    ``√max(0, Σp²/n − (Σp/n)²)``. The subtraction cancels, but for values in ``[0, 1]`` its
-    absolute error is a few fp64 ulps of 1 (~1e-15 for any realistic ``n``), so the standard
-    deviation is off by at most ~3e-8 absolutely — below the fp32 resolution of the result near
-    1, and a running (Welford) update would need a per-example sequential pass that a vectorised
-    scatter with duplicate indices cannot do. Sums also merge across ranks by a plain reduction.
+    Variance without cancellation: the state keeps, per example, the fp64 mean of ``p_y`` and
+    ``M₂ = Σ (p_y − mean)²`` (Welford), and each update merges the batch's own mean and ``M₂``
+    per example (Chan et al.'s pairwise formula, so in-batch duplicates need no sequential
+    pass). ``M₂`` is a sum of non-negative terms, so the variability keeps its relative precision
+    however small it is next to the mean (confident examples: ``p_y ≈ 1`` varying by 1e-8), and
+    a constant ``p_y`` gives exactly 0, where ``Σp²/n − (Σp/n)²`` cancels to noise of ~1e-7.
+    Under ``torch.distributed`` the ranks merge the same way at ``compute()`` (two all-reduces).
 
-    State: 24 bytes per example (fp64 sum and sum of squares of ``p_y``, int32 counts of
-    presentations and of correct ones). Under ``torch.distributed`` the sums are reduced at
+    State: 24 bytes per example (fp64 mean and ``M₂`` of ``p_y``, int32 counts of presentations
+    and of correct ones). Under ``torch.distributed`` the sums are reduced at
     ``compute()``.
 
     Args:
         num_examples: ``len(dataset)``.
-        **kwargs: ``device``, ``nonfinite``, ``layout``, ``validate``, ``process_group``.
+        **kwargs: ``device``, ``nonfinite``, ``layout``, ``validate``, ``process_group``, and
+            for sequences ``ignore_index``, ``token_reduce`` (confidence: the mean ``p_y`` over
+            valid tokens by default) and ``min_token_accuracy`` (correctness: a sequence is
+            correct when at least this fraction of its tokens is).
 
     Example:
         >>> import torch
@@ -64,8 +69,9 @@ class DataMaps(Scorer):
 
     def __init__(self, num_examples: int, **kwargs: Any) -> None:
         super().__init__(num_examples, **kwargs)
-        self.add_state("sum", torch.float64, 0.0)
-        self.add_state("sum_sq", torch.float64, 0.0)
+        # merged by _merge (Chan et al.), not by a plain reduction
+        self.add_state("mean", torch.float64, 0.0, reduce=None)
+        self.add_state("m2", torch.float64, 0.0, reduce=None, nonnegative=True)
         self.add_state("count", torch.int32, 0)
         self.add_state("correct", torch.int32, 0)
         self._all: dict[str, Tensor] = {}
@@ -77,23 +83,57 @@ class DataMaps(Scorer):
         # (B, 2): p_y and correctness (0/1), one row per example
         return torch.stack([stats.p_target, stats.correct.to(torch.float32)], dim=1)
 
+    def _reduce_tokens(self, values: Tensor, valid: Tensor) -> Tensor:
+        # sequences: confidence by token_reduce, correctness 0/1 by min_token_accuracy
+        correct = token_correct(values[..., 1] > 0.5, valid, self.min_token_accuracy)
+        confidence = reduce_tokens(values[..., 0], valid, self.token_reduce)
+        return torch.stack([confidence, correct.to(torch.float32)], dim=1)
+
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
-        p = values[:, 0].to(torch.float64)
-        self._state["sum"].index_add_(0, indices, p)
-        self._state["sum_sq"].index_add_(0, indices, p * p)
-        self._state["count"].index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+        # group the batch by example (batch order kept), then per group its count, mean and M₂
+        sorted_idx, order, is_last = last_occurrence(indices)
+        size = len(sorted_idx)
+        first = torch.ones_like(is_last)
+        first[1:] = is_last[:-1]
+        group = first.cumsum(0) - 1  # (B,) the group of each sorted row
+        p = values[order, 0].to(torch.float64)
+        zeros = torch.zeros(size, dtype=torch.float64, device=p.device)
+        n_b = zeros.index_add(0, group, torch.ones_like(p))
+        mean_b = zeros.index_add(0, group, p).div_(n_b.clamp_min(1.0))
+        m2_b = zeros.index_add(0, group, (p - mean_b[group]).square_())
+        # Chan et al.: merge (n_a, mean_a, M₂_a) with the group's (n_b, mean_b, M₂_b), written
+        # once per example at its last row (the other rows write the spare slot)
+        slot = torch.where(is_last, sorted_idx, self.num_examples)
+        mean, m2 = self._state["mean"], self._state["m2"]
+        n_a = self._state["count"][slot].to(torch.float64)
+        nb, mb = n_b[group], mean_b[group]
+        n = n_a + nb
+        delta = mb - mean[slot]
+        mean.index_copy_(0, slot, mean[slot] + delta * (nb / n))
+        m2.index_copy_(0, slot, m2[slot] + m2_b[group] + delta.square() * (n_a * nb / n))
+        ones = torch.ones_like(indices, dtype=torch.int32)
+        self._state["count"].index_add_(0, indices, ones)
         self._state["correct"].index_add_(0, indices, values[:, 1].to(torch.int32))
+
+    def _merge(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The ranks' counts summed; means and ``M₂`` merged by Chan et al.'s formula."""
+        merged = super()._merge(state)  # count and correct
+        n_local = state["count"].to(torch.float64)
+        n = merged["count"].to(torch.float64).clamp_min(1.0)
+        mean = all_reduce_copy(state["mean"] * n_local, "sum", self.process_group).div_(n)
+        spread = state["m2"] + n_local * (state["mean"] - mean).square()
+        merged["mean"] = mean
+        merged["m2"] = all_reduce_copy(spread, "sum", self.process_group)
+        return merged
 
     @staticmethod
     def _statistics(state: dict[str, Tensor]) -> dict[str, Tensor]:
         count = state["count"]
         seen = count > 0
         n = count.clamp_min(1).to(torch.float64)
-        mean = state["sum"] / n
-        variance = (state["sum_sq"] / n - mean * mean).clamp_min(0.0)
         out = {
-            "confidence": mean,
-            "variability": variance.sqrt(),
+            "confidence": state["mean"],
+            "variability": (state["m2"] / n).clamp_min(0.0).sqrt(),
             "correctness": state["correct"].to(torch.float64) / n,
         }
         return {k: torch.where(seen, v, torch.nan).to(torch.float32) for k, v in out.items()}

@@ -25,7 +25,6 @@ from torch import Tensor
 from sampleweights.scorers.base import RunningMeanScorer
 from sampleweights.scorers.rowstats import RowStats
 
-
 __all__ = ["EL2N", "el2n"]
 
 

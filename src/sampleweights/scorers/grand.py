@@ -45,7 +45,7 @@ from sampleweights.pergrad.vmap import (
 )
 from sampleweights.scorers.base import NonFinite, RunningMeanScorer
 from sampleweights.scorers.passes import model_mode, unwrap_model
-from sampleweights.validation import as_index_tensor
+from sampleweights.validation import _as_index_array, as_index_tensor
 
 __all__ = ["Engine", "GraNd", "Mode"]
 
@@ -62,16 +62,32 @@ _BATCH_OF_ONE = (
 )
 
 
-def cross_entropy_fp32(output: Any, targets: Tensor) -> Tensor:
+def cross_entropy_fp32(output: Any, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """The default per-example loss: cross-entropy of the logits in fp32 (or fp64), ``(B,)``.
 
     fp32 because fp16 gradients of easy examples underflow, and those are the ones pruning removes.
+    Sequences (logits ``(B, T, C)``, targets ``(B, T)``): one loss per sequence, the mean of the
+    token cross-entropies over its valid tokens (target ``!= ignore_index``); 0 for a sequence
+    without one (no gradient; GraNd counts it in ``num_empty`` instead of scoring it).
     """
     logits = logits_of(output)
+    if logits.dim() == 3 and targets.dim() == 2:
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        batch, length, classes = logits.shape
+        tokens = F.cross_entropy(
+            logits.reshape(batch * length, classes),
+            targets.reshape(batch * length),
+            ignore_index=ignore_index,
+            reduction="none",
+        ).view(batch, length)  # 0 at ignored tokens
+        count = (targets != ignore_index).sum(dim=1).clamp_min(1)
+        return tokens.sum(dim=1) / count
     if logits.dim() != 2:
         raise ValueError(
             f"The default loss expects logits of shape (batch, classes), but the model returned "
-            f"shape {tuple(logits.shape)}; pass loss_fn=lambda output, target: ... returning (B,)."
+            f"shape {tuple(logits.shape)} (sequences: (batch, tokens, classes) with (batch, "
+            f"tokens) targets); pass loss_fn=lambda output, target: ... returning (B,)."
             + (_BATCH_OF_ONE if logits.dim() == 1 and targets.shape[0] == 1 else "")
         )
     # (targets ≥ C raise torch's "Target … is out of bounds" here, before any state changes)
@@ -165,6 +181,11 @@ class GraNd(RunningMeanScorer):
             statistics couple the examples: there is no per-example gradient).
         chunk_size: examples per ``vmap`` call (default: ~512 MiB of gradients).
         device, nonfinite, layout, validate, process_group: see :class:`~sampleweights.Scorer`.
+        ignore_index: for the default loss on sequences (model output ``(B, T, C)``, targets
+            ``(B, T)``): the target of tokens that do not count. Each sequence's loss is the
+            mean token cross-entropy over its valid tokens, so GraNd scores the gradient of one
+            loss per sequence; a sequence without a valid token has no score for the update
+            (``num_empty`` counts it). 1-D class targets must be ``>= 0`` as before.
 
     State: 12 bytes per example (fp64 sum, int32 count).
 
@@ -198,6 +219,7 @@ class GraNd(RunningMeanScorer):
         layout: BatchLayout | None = None,
         validate: bool = True,
         process_group: Any = None,
+        ignore_index: int = -100,
     ) -> None:
         super().__init__(
             num_examples,
@@ -206,6 +228,7 @@ class GraNd(RunningMeanScorer):
             layout=layout,
             validate=validate,
             process_group=process_group,
+            ignore_index=ignore_index,
         )
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -222,7 +245,7 @@ class GraNd(RunningMeanScorer):
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError("Expected `loss_fn` to be callable: loss_fn(output, targets) -> (B,).")
         self.model = unwrap_model(model)
-        self.loss_fn: LossFn = loss_fn or cross_entropy_fp32
+        self.loss_fn: LossFn = loss_fn or _DefaultLoss(self.ignore_index)
         self._class_targets = loss_fn is None  # the default loss takes class indices ≥ 0
         self.engine: Engine = engine
         self.mode: Mode = mode
@@ -318,19 +341,24 @@ class GraNd(RunningMeanScorer):
             )
 
     def _score(self, indices: Tensor, batch: Any, targets: Any, forward: Forward) -> None:
-        targets = (
-            as_index_tensor(targets, "targets")
-            if self._class_targets
-            else _as_loss_targets(targets)
-        )
+        targets = _class_targets(targets) if self._class_targets else _as_loss_targets(targets)
         if indices.shape[0] != targets.shape[0]:
             raise ValueError(
                 f"Expected one index per target, but got {indices.shape[0]} indices and "
                 f"{targets.shape[0]} targets."
             )
+        sequence = self._class_targets and targets.dim() == 2
         if self.validate:
             self._check_indices(indices)
-            if self._class_targets and targets.numel() and int(targets.min()) < 0:
+            if sequence and bool(((targets < 0) & (targets != self.ignore_index)).any()):
+                bad = targets[(targets < 0) & (targets != self.ignore_index)]
+                raise ValueError(
+                    f"Expected sequence `targets` ≥ 0 (class indices) or equal to "
+                    f"ignore_index={self.ignore_index}, but got {bad.numel()} other negative "
+                    f"value(s) (min {int(bad.min())}); build GraNd with ignore_index=... if your "
+                    "padding label differs."
+                )
+            if not sequence and self._class_targets and targets.numel() and int(targets.min()) < 0:
                 raise ValueError(
                     f"Expected `targets` ≥ 0 (class indices for the default cross-entropy), but "
                     f"got {int(targets.min())}; for ignore labels (-100) or other targets pass "
@@ -349,7 +377,10 @@ class GraNd(RunningMeanScorer):
                 "Non-finite gradient norms (NaN/inf in the model's output or loss); build GraNd "
                 "with nonfinite='skip' to drop such examples."
             )
-        self._ingest(indices, norms, finite if self.nonfinite == "skip" else None)
+        empty = None
+        if sequence:  # no valid token: the default loss is 0, but the sequence has no score
+            empty = (targets == self.ignore_index).all(dim=1).to(norms.device)
+        self._ingest(indices, norms, finite if self.nonfinite == "skip" else None, empty=empty)
 
     def _sq_norms(self, batch: Any, targets: Tensor, forward: Forward) -> Tensor:
         model = self.model
@@ -517,6 +548,32 @@ def _auto_sq_norms(
         stacklevel=2,
     )
     return result
+
+
+class _DefaultLoss:
+    """:func:`cross_entropy_fp32` with the scorer's ``ignore_index`` (for sequences)."""
+
+    def __init__(self, ignore_index: int) -> None:
+        self.ignore_index = ignore_index
+
+    def __call__(self, output: Any, targets: Tensor) -> Tensor:
+        return cross_entropy_fp32(output, targets, self.ignore_index)
+
+    def __repr__(self) -> str:
+        return f"cross_entropy_fp32(ignore_index={self.ignore_index})"
+
+
+def _class_targets(targets: Any) -> Tensor:
+    """Class targets for the default loss: ``(B,)``, or ``(B, T)`` for sequences, int64."""
+    if not isinstance(targets, Tensor):
+        targets = torch.from_numpy(_as_index_array(targets, "targets"))
+    if (
+        isinstance(targets, Tensor)
+        and targets.dim() == 2
+        and not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+    ):
+        return targets.to(torch.int64)
+    return as_index_tensor(targets, "targets")
 
 
 def _as_loss_targets(targets: Any) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from sampleweights.distributed import all_reduce_copy, world
-from sampleweights.scorers.base import Scorer, last_occurrence
+from sampleweights.scorers.base import Scorer, last_occurrence, token_correct
 from sampleweights.scorers.rowstats import RowStats
 
 __all__ = ["Misclassified"]
@@ -72,6 +72,10 @@ class Misclassified(Scorer):
 
     def _values_from(self, stats: RowStats) -> Tensor:
         return ~stats.correct  # the same argmax != targets, shared in a collection
+
+    def _reduce_tokens(self, values: Tensor, valid: Tensor) -> Tensor:
+        # sequences: wrong unless at least min_token_accuracy of the valid tokens are right
+        return ~token_correct(~values, valid, self.min_token_accuracy)
 
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         sorted_idx, order, is_last = last_occurrence(indices)

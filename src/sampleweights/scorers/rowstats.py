@@ -12,32 +12,39 @@ The pass (one ``(B, C)`` fp32 buffer, every step in place). With ``m = max_j x_j
 
 1. ``t = x − m`` and the target's ``t_y`` read out;
 2. for the margins (when asked for before step 3): ``t_o = max_{j≠y} t_j``, one cheap
-   max-reduction with the target entry set to ``−inf`` (and set back to ``t_y``: the
-   vectorised ``exp`` takes a slow path for ``−inf``). The logit margin is ``t_y − t_o``, bit for bit ``x_y − max_{j≠y} x_j`` (one of
-   the two terms is 0: the max is ``x_y`` or ``x_o``), and ``t_y > t_o`` is "the target is the
-   unique maximum" — correctness without an arg-max reduction, which on CPU costs as much as the
-   exponentials (the arg-max decides exact ties only);
+   max-reduction with the target entry set to ``−inf`` (then set back to ``t_y``: the
+   vectorised ``exp`` takes a slow path for ``−inf``). The logit margin is ``t_y − t_o``, bit
+   for bit ``x_y − max_{j≠y} x_j`` (one of the two terms is 0: the max is ``x_y`` or ``x_o``),
+   and ``t_y > t_o`` says "the target is the unique maximum": correctness without an arg-max
+   reduction, which on CPU costs as much as the exponentials (the arg-max decides exact ties);
 3. ``exp(t)`` in place, ``e_y`` read out and the target entry zeroed (``q``), and
    ``W = Σ_j q_j = Σ_{j≠y} e_j``;
 4. EL2N ``= hypot(‖u·q‖, u·W) / (u·Σe)``: the buffer scaled by ``u = 2^k ≥ 1`` with
-   ``u·W ∈ [½, 1)`` when ``W < ½`` (exact: a power of two, and no entry can overflow), its norm,
-   scaled back only if the entropy needs the buffer after it;
+   ``u·W ∈ [½, 1)`` when ``W < ½`` (exact: a power of two, and no entry can overflow), its
+   norm, scaled back only if the entropy needs the buffer after it;
 5. the entropy (a log per entry: as dear as the exponentials, so only when read): the arg-max
    entry zeroed, ``R = Σ_{j ∉ {y, argmax}} e_j``, then ``Σ e·log e`` in place.
 
 No other ``(B, C)`` buffer is made (a test counts them), which matters for vocabularies of
 32k–150k classes.
 
-Precision (all math in fp32 from logits of any float dtype; ``e_y = exp(t_y)``, ``Σe = W + e_y``):
+Precision (all math in fp32 from logits of any float dtype; ``e_y = exp(t_y)``, ``Σe = W + e_y``).
+``t = x − m`` is the exact difference rounded once to fp32 (float64 logits subtract in float64
+first: a cast first would merge logits closer than fp32's resolution, such as ``1e4`` and
+``1e4 + 1e-4``). That one rounding, ``|t|·2⁻²⁴`` absolute, is the only error the exponentials
+amplify: ``exp(t)`` is off by up to ``|t|·2⁻²⁴`` relative (≤ 5.2e-6 for ``|t| ≤ 87``, ~1e-7 for
+``|t| ≤ 2``), which bounds the relative error of a statistic made of such tail terms (the loss or
+``1 − p_y`` of a confident example, ``p_y`` of a badly wrong one). Values below fp32's smallest
+normal (``2⁻¹²⁶ ≈ 1.2e-38``) are subnormal and keep only an absolute precision of ~``2⁻¹⁴⁹``.
 ``1 − p_y = W / Σe`` and ``p_y = e_y / Σe`` are ratios of sums of non-negative terms: no
 cancellation, full relative precision even for confident examples (``1 − p_y ≈ 1e-20``), where
 ``1 − p_y`` computed the obvious way rounds to 0. EL2N is ``√(‖q‖² + W²) / Σe`` (see
-:func:`~sampleweights.el2n`), a sum of non-negative terms, the norm taken on the scaled buffer so
-tiny entries do not underflow when squared. The cross-entropy is ``log1p(W + (e_y − 1)) − t_y``: when the target is a maximum
-``e_y − 1 = 0`` and ``log1p(W)`` is exact; otherwise the loss is at least 0.44, so the rounding of
-``W − 1`` (``2⁻²⁴`` absolute) is far below its fp32 resolution. The entropy
-``log1p(R + [y ≠ argmax]·e_y) + (−Σ e·t) / Σe`` is a sum of non-negative terms in every case
-(``Σe − 1`` is summed without the arg-max's 1).
+:func:`~sampleweights.el2n`), a sum of non-negative terms, the norm taken on the scaled buffer
+so tiny entries do not underflow when squared. The cross-entropy is
+``log1p(W + (e_y − 1)) − t_y``: when the target is a maximum ``e_y − 1 = 0`` and ``log1p(W)``
+is exact; otherwise the loss is at least 0.44, so the rounding of ``W − 1`` (``2⁻²⁴`` absolute)
+is far below its fp32 resolution. The entropy ``log1p(R + [y ≠ argmax]·e_y) + (−Σ e·t) / Σe``
+is a sum of non-negative terms in every case (``Σe − 1`` summed without the arg-max's 1).
 """
 
 from __future__ import annotations
@@ -52,6 +59,18 @@ __all__ = ["RowStats"]
 _TINY = torch.finfo(torch.float32).tiny  # smallest normal fp32
 
 
+def _minus(a: Tensor, b: Tensor) -> Tensor:
+    """``a − b`` as float32, rounded once from the exact difference of the inputs: float32 and
+    float64 subtract in their own dtype (a float64 difference cast to float32 afterwards: casting
+    first would round logits such as ``1e4`` and ``1e4 + 1e-4`` to the same float32), the half
+    types in float32 (the cast is exact)."""
+    if a.dtype == torch.float32:
+        return a - b
+    if a.dtype == torch.float64:
+        return (a - b).float()
+    return a.float().sub_(b.float())
+
+
 class _Pass:
     """The one ``(B, C)`` fp32 buffer and the ``(B, 1)`` statistics read from it, in stages
     (see the module docstring): the constructor runs step 1; ``t_other`` step 2 (only before
@@ -60,10 +79,7 @@ class _Pass:
     def __init__(self, logits: Tensor, targets: Tensor) -> None:
         self.logits = logits
         self.top = logits.amax(dim=1, keepdim=True)  # (B, 1): a vectorised reduction, no arg-max
-        if logits.dtype == torch.float32:
-            buf = logits - self.top  # (B, C): the one buffer
-        else:
-            buf = logits.float().sub_(self.top.float())
+        buf = _minus(logits, self.top)  # (B, C): the one buffer
         self.y = targets.view(-1, 1)
         self.buf: Tensor | None = buf
         self._t_other: Tensor | None = None
@@ -76,7 +92,7 @@ class _Pass:
         subtraction again (the same bits)."""
         if not self._exp_done and self.buf is not None:
             return self.buf.gather(1, self.y)
-        return self.logits.gather(1, self.y).float().sub_(self.top.float())
+        return _minus(self.logits.gather(1, self.y), self.top)
 
     def t_other(self) -> Tensor | None:
         """``max_{j≠y} t_j`` (B, 1), or None once the buffer holds exponentials."""
@@ -144,8 +160,10 @@ class _Pass:
         rest = buf.scatter_(1, index, 0.0).sum(dim=1, keepdim=True)  # R, without the 1
         log_norm = torch.log1p(rest + miss * self.e_y)  # log Σe, Σe − 1 without cancellation
         # Σ e·t = Σ e·log e over j ∉ {y, argmax} (≤ 0), plus e_y·t_y when y is not the arg-max;
-        # xlogy(0, 0) = 0 for the zeroed and underflowed entries
-        e_log_e = buf.xlogy_(buf).sum(dim=1, keepdim=True) + miss * self.e_y * self.t_y
+        # xlogy(0, 0) = 0 for the zeroed and underflowed entries; e_y·t_y likewise 0 when
+        # e_y = 0 (t_y may be −inf: x − m overflows for logits of ±3e38)
+        target_term = torch.where(self.e_y > 0, self.e_y * self.t_y, 0.0)
+        e_log_e = buf.xlogy_(buf).sum(dim=1, keepdim=True) + miss * target_term
         return (log_norm - e_log_e / self.norm).view(-1)  # both terms ≥ 0
 
 
@@ -244,6 +262,10 @@ class RowStats:
         """``x_y`` as float32."""
         return self.logits.gather(1, self.targets.view(-1, 1)).view(-1).float()
 
+    @cached_property
+    def _target_in_dtype(self) -> Tensor:
+        return self.logits.gather(1, self.targets.view(-1, 1)).view(-1)
+
     def _check_two_classes(self) -> None:
         if self.logits.shape[1] < 2:
             raise ValueError(
@@ -258,8 +280,12 @@ class RowStats:
         Raises:
             ValueError: with a single class there is no other logit.
         """
+        return self._other_in_dtype.float()
+
+    @cached_property
+    def _other_in_dtype(self) -> Tensor:
         self._check_two_classes()
-        top2 = self.logits.topk(2, dim=1).values.float()  # (B, 2)
+        top2 = self.logits.topk(2, dim=1).values  # (B, 2)
         # the second largest when the target is the argmax (a tied max is then the second too)
         return torch.where(self.argmax == self.targets, top2[:, 1], top2[:, 0])
 
@@ -273,7 +299,8 @@ class RowStats:
         self._check_two_classes()
         t_other = self._t_other()
         if t_other is None:  # the shared pass is past its exponentials: the same bits by topk
-            return self.target_logit - self.other_logit
+            # in the logits' dtype, as the shared pass (one of x_y, x_o is the row's maximum)
+            return _minus(self._target_in_dtype, self._other_in_dtype)
         return (self._pass.t_y - t_other).view(-1)
 
     @cached_property
