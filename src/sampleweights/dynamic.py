@@ -68,7 +68,12 @@ from sampleweights.errors import StateMismatchError
 from sampleweights.reweight import LossReweighter
 from sampleweights.samplers import _as_int, _is_int, _MultisetSampler
 from sampleweights.scorers.base import last_occurrence
-from sampleweights.validation import as_index_tensor, check_num_examples, check_range
+from sampleweights.validation import (
+    as_index_tensor,
+    check_num_examples,
+    check_range,
+    per_example_ids,
+)
 
 __all__ = ["DynamicPruner"]
 
@@ -286,22 +291,7 @@ class DynamicPruner(_MultisetSampler):
     def _indices(self, per_example_loss: Tensor, indices: Any) -> Tensor:
         """Validate a batch (before anything changes); its indices as int64, where they were
         given (the host, from a DataLoader)."""
-        if not isinstance(per_example_loss, Tensor) or per_example_loss.dim() != 1:
-            raise ValueError(
-                "Expected `per_example_loss` of shape (batch,) — use reduction='none' — but got "
-                f"{getattr(per_example_loss, 'shape', type(per_example_loss).__name__)}."
-            )
-        if not per_example_loss.is_floating_point():
-            raise TypeError(
-                f"Expected `per_example_loss` to be a float tensor, but got "
-                f"{per_example_loss.dtype}."
-            )
-        idx = as_index_tensor(indices, "indices")
-        if idx.numel() != per_example_loss.numel():
-            raise ValueError(
-                f"Expected one index per loss, but got {idx.numel()} indices and "
-                f"{per_example_loss.numel()} losses."
-            )
+        idx = per_example_ids(per_example_loss, indices)
         check_range(idx, 0, self.num_examples, "indices", f"num_examples={self.num_examples}")
         return idx
 

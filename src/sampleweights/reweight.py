@@ -12,9 +12,9 @@ from sampleweights.distributed import all_reduce_copy, is_distributed, world
 from sampleweights.samplers import error_set
 from sampleweights.validation import (
     as_float_vector,
-    as_index_tensor,
     check_num_examples,
     check_range,
+    per_example_ids,
 )
 
 __all__ = ["LossReweighter", "Normalize", "jtt_weights"]
@@ -125,22 +125,7 @@ class LossReweighter:
                 ``F.cross_entropy(logits, y, reduction="none")``.
             indices: ``(B,)`` dataset indices of the batch.
         """
-        if not isinstance(per_example_loss, Tensor) or per_example_loss.dim() != 1:
-            raise ValueError(
-                "Expected `per_example_loss` of shape (batch,) — use reduction='none' — but got "
-                f"{getattr(per_example_loss, 'shape', type(per_example_loss).__name__)}."
-            )
-        if not per_example_loss.is_floating_point():
-            raise TypeError(
-                f"Expected `per_example_loss` to be a float tensor, but got "
-                f"{per_example_loss.dtype}."
-            )
-        idx = as_index_tensor(indices, "indices")
-        if idx.numel() != per_example_loss.numel():
-            raise ValueError(
-                f"Expected one index per loss, but got {idx.numel()} indices and "
-                f"{per_example_loss.numel()} losses."
-            )
+        idx = per_example_ids(per_example_loss, indices)
         check_range(idx, 0, self.num_examples, "indices", f"num_examples={self.num_examples}")
         if self._weights.device != per_example_loss.device:
             self._weights = self._weights.to(per_example_loss.device)

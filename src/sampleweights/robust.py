@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sampleweights.distributed import all_reduce_copy, is_distributed, world
 from sampleweights.errors import StateMismatchError
-from sampleweights.validation import as_index_tensor, check_range
+from sampleweights.validation import check_range, per_example_ids
 
 __all__ = ["GroupDROLoss"]
 
@@ -222,22 +222,7 @@ class GroupDROLoss:
             TypeError / ValueError: a wrong shape or dtype, group ids out of range, or a
                 non-finite loss (``validate=True``); nothing is changed.
         """
-        if not isinstance(per_example_loss, Tensor) or per_example_loss.dim() != 1:
-            raise ValueError(
-                "Expected `per_example_loss` of shape (batch,) — use reduction='none' — but got "
-                f"{getattr(per_example_loss, 'shape', type(per_example_loss).__name__)}."
-            )
-        if not per_example_loss.is_floating_point():
-            raise TypeError(
-                f"Expected `per_example_loss` to be a float tensor, but got "
-                f"{per_example_loss.dtype}."
-            )
-        g = as_index_tensor(groups, "groups")
-        if g.numel() != per_example_loss.numel():
-            raise ValueError(
-                f"Expected one group id per loss, but got {g.numel()} group ids and "
-                f"{per_example_loss.numel()} losses."
-            )
+        g = per_example_ids(per_example_loss, groups, "groups", "group id")
         if self.validate:
             check_range(g, 0, self.num_groups, "groups", f"num_groups={self.num_groups}")
         device = per_example_loss.device

@@ -167,6 +167,35 @@ def check_range(values: Tensor, low: int, high: int, name: str, what: str) -> No
         )
 
 
+def per_example_ids(
+    per_example_loss: Any, ids: Any, name: str = "indices", what: str = "index"
+) -> Tensor:
+    """Check a ``(B,)`` float per-example loss and its ``(B,)`` integer ids (dataset indices,
+    group ids); return the ids as int64 where they were given. Range checks are the caller's.
+
+    Raises:
+        ValueError: the loss is not 1-D (a reduced loss), or the counts differ.
+        TypeError: the loss is not a float tensor, or the ids are not integers.
+    """
+    if not isinstance(per_example_loss, Tensor) or per_example_loss.dim() != 1:
+        raise ValueError(
+            "Expected `per_example_loss` of shape (batch,) — use reduction='none' — but got "
+            f"{getattr(per_example_loss, 'shape', type(per_example_loss).__name__)}."
+        )
+    if not per_example_loss.is_floating_point():
+        raise TypeError(
+            f"Expected `per_example_loss` to be a float tensor, but got {per_example_loss.dtype}."
+        )
+    out = as_index_tensor(ids, name)
+    if out.numel() != per_example_loss.numel():
+        plural = "indices" if what == "index" else f"{what}s"
+        raise ValueError(
+            f"Expected one {what} per loss, but got {out.numel()} {plural} and "
+            f"{per_example_loss.numel()} losses."
+        )
+    return out
+
+
 def check_fits(num_examples: int, bytes_per_example: int, device: torch.device) -> None:
     """Raise MemoryError up front when per-example state would not fit in free CUDA memory."""
     if device.type != "cuda" or not torch.cuda.is_available():
