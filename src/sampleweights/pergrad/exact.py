@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -38,6 +38,8 @@ from sampleweights.pergrad.vmap import (
     PerExampleGradientError,
     _describe,
     _first_line,
+    _graph_nodes,
+    _norm_dtype,
     _SplitBatch,
     _state_restored,
     _StateGuard,
@@ -51,10 +53,6 @@ __all__ = ["exact_sq_norms", "loop_sq_norms"]
 _VMAP_FAILED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, str]] = (
     weakref.WeakKeyDictionary()
 )
-
-
-def _norm_dtype(params: Sequence[Tensor]) -> torch.dtype:
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
 def loop_sq_norms(
@@ -184,17 +182,7 @@ def _cudnn_off_for_eval_rnns(model: nn.Module) -> Iterator[None]:
 def _has_reentrant_checkpoint(root: Any) -> bool:
     """Whether the graph below ``root`` holds a reentrant-checkpoint node (which refuses
     ``autograd.grad``: it needs ``.backward()``)."""
-    seen: set[Any] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if "CheckpointFunction" in type(node).__name__:
-            return True
-        stack.extend(child for child, _ in node.next_functions)
-    return False
+    return any("CheckpointFunction" in type(node).__name__ for node in _graph_nodes(root))
 
 
 def _grads_by_backward(loss: Tensor, params: list[nn.Parameter], model: nn.Module) -> list[Any]:

@@ -90,7 +90,7 @@ from torch.utils._pytree import tree_map
 
 from sampleweights.pergrad.exact import exact_sq_norms
 from sampleweights.pergrad.rules import Rule, find_rule
-from sampleweights.pergrad.vmap import LossFn
+from sampleweights.pergrad.vmap import LossFn, _describe, _graph_nodes
 
 __all__ = ["UnsupportedLayerError", "hooks_sq_norms"]
 
@@ -202,20 +202,11 @@ def _no_rule_reason(module: nn.Module) -> str:
 def _graph_uses(root: Any, wanted: set[int]) -> dict[int, int]:
     """How many edges of the autograd graph below ``root`` lead to each wanted parameter."""
     uses = dict.fromkeys(wanted, 0)
-    seen: set[Any] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    for node in _graph_nodes(root):
         for child, _ in node.next_functions:
-            if child is None:
-                continue
             variable = getattr(child, "variable", None)
             if variable is not None and id(variable) in uses:
                 uses[id(variable)] += 1
-            stack.append(child)
     return uses
 
 
@@ -635,19 +626,11 @@ def hooks_sq_norms(
                 grouped.setdefault(reasons[n], []).append(n)
             raise UnsupportedLayerError(
                 "engine='hooks' has no per-layer rule that provably covers these parameters:\n"
-                + "\n".join(f"  {_describe(model, ns)}: {why}" for why, ns in grouped.items())
+                + "\n".join(
+                    f"  {_describe(model, ns, limit=None)}: {why}" for why, ns in grouped.items()
+                )
                 + "\nUse engine='auto' (they go through the exact fallback), or register a rule "
                 "with sampleweights.pergrad.register_rule."
             )
         sq += exact_sq_norms(model, rest, batch, targets, forward, loss_fn, chunk_size).to(dtype)
     return sq
-
-
-def _describe(model: nn.Module, names: list[str]) -> str:
-    """Parameter names with their owning module's type, for error messages."""
-    modules = dict(model.named_modules())
-    parts = []
-    for n in names:
-        owner = n.rsplit(".", 1)[0] if "." in n else ""
-        parts.append(f"{n} ({type(modules.get(owner, model)).__name__})")
-    return ", ".join(parts)

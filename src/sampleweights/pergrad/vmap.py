@@ -12,7 +12,7 @@ Also home of what the engines share: how a batch is split into examples
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -220,15 +220,36 @@ def _without_inference_tensors(obj: Any) -> Any:
     return _map_tensors(obj, lambda t: t.clone() if t.is_inference() else t)
 
 
-def _describe(model: nn.Module, names: list[str], limit: int = 6) -> str:
-    """``"name (ModuleType), …"`` for error messages: the first ``limit`` of ``names``."""
+def _describe(model: nn.Module, names: list[str], limit: int | None = 6) -> str:
+    """``"name (ModuleType), …"`` for error messages: the first ``limit`` of ``names`` (all of
+    them with ``limit=None``)."""
     modules = dict(model.named_modules())
+    shown = names if limit is None else names[:limit]
     parts = []
-    for n in names[:limit]:
+    for n in shown:
         owner = n.rsplit(".", 1)[0] if "." in n else ""
         parts.append(f"{n} ({type(modules.get(owner, model)).__name__})")
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
     return ", ".join(parts) + more
+
+
+def _graph_nodes(root: Any) -> Iterator[Any]:
+    """Every node of the autograd graph below ``root`` (``root`` included), each once, depth
+    first; ``None`` (no graph) yields nothing."""
+    seen: set[Any] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(child for child, _ in node.next_functions)
+
+
+def _norm_dtype(params: Iterable[Tensor]) -> torch.dtype:
+    """The dtype squared norms are summed in: fp64 when a scored parameter is fp64, else fp32."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
 def _first_line(err: BaseException) -> str:
@@ -303,9 +324,7 @@ def _vmap_sq_norms(
     b = targets.shape[0]
     params = dict(model.named_parameters())
     scored = {f"model.{n}": params[n].detach() for n in names}
-    dtype = (
-        torch.float64 if any(p.dtype == torch.float64 for p in scored.values()) else torch.float32
-    )
+    dtype = _norm_dtype(scored.values())
     if b == 0:
         return torch.zeros(0, dtype=dtype, device=targets.device)
     split = _SplitBatch(batch, b)

@@ -399,11 +399,7 @@ class Scorer(abc.ABC):
         targets = as_index_tensor(targets, "targets")
         if not isinstance(logits, Tensor):
             raise TypeError(f"Expected `logits` to be a tensor, but got {type(logits).__name__}.")
-        if not logits.is_floating_point():
-            raise TypeError(
-                f"Expected `logits` to have a float dtype (the model's raw outputs), but got "
-                f"{logits.dtype}."
-            )
+        self._check_float_logits(logits)
         if logits.dim() != 2:
             raise ValueError(
                 f"Expected `logits` of shape (batch, num_classes), or (batch, tokens, "
@@ -427,25 +423,7 @@ class Scorer(abc.ABC):
                 "the scorer with nonfinite='skip' to drop such rows (e.g. fp16 overflow steps "
                 "that GradScaler skips)."
             )
-        if (
-            self.validate
-            and not getattr(self, "_warned_probabilities", False)
-            and looks_like_probabilities(logits)
-        ):
-            # a warning, not an error: a row of real logits can sum to 1 by chance (once per
-            # scorer; the check is skipped after it). The flag is set only once the warning has
-            # been shown: under -W error it raises, rejecting this call and every such call.
-            from sampleweights.validation import warning_stacklevel
-
-            warnings.warn(
-                f"{type(self).__name__}: every row of `logits` is non-negative and sums to 1: "
-                "these look like probabilities (softmax outputs), which shrink every score. Pass "
-                "the model's raw outputs before softmax, or probs.log() if probabilities are all "
-                "you have.",
-                RuntimeWarning,
-                stacklevel=warning_stacklevel(),
-            )
-            self._warned_probabilities = True
+        self._warn_if_probabilities(logits, "every row of `logits` is non-negative and sums to 1")
         return indices, logits, targets
 
     def _validate_tokens(
@@ -460,11 +438,7 @@ class Scorer(abc.ABC):
             raise TypeError(
                 f"Expected `targets` to have an integer dtype, but got {targets.dtype}."
             )
-        if not logits.is_floating_point():
-            raise TypeError(
-                f"Expected `logits` to have a float dtype (the model's raw outputs), but got "
-                f"{logits.dtype}."
-            )
+        self._check_float_logits(logits)
         batch, length, classes = logits.shape
         if targets.shape != (batch, length) or indices.shape[0] != batch:
             raise ValueError(
@@ -499,15 +473,33 @@ class Scorer(abc.ABC):
                     "nonfinite='skip' to drop such sequences (e.g. fp16 overflow steps that "
                     "GradScaler skips)."
                 )
+        self._warn_if_probabilities(logits, "every token's `logits` are non-negative and sum to 1")
+        return indices, logits, targets
+
+    @staticmethod
+    def _check_float_logits(logits: Tensor) -> None:
+        """TypeError unless ``logits`` has a float dtype."""
+        if not logits.is_floating_point():
+            raise TypeError(
+                f"Expected `logits` to have a float dtype (the model's raw outputs), but got "
+                f"{logits.dtype}."
+            )
+
+    def _warn_if_probabilities(self, logits: Tensor, what: str) -> None:
+        """Warn (once per scorer, with ``validate``) when ``logits`` look like probabilities;
+        ``what`` says what was seen (``"every row of `logits` is non-negative and sums to 1"``)."""
         if (
             self.validate
             and not getattr(self, "_warned_probabilities", False)
             and looks_like_probabilities(logits)
         ):
+            # a warning, not an error: a row of real logits can sum to 1 by chance (once per
+            # scorer; the check is skipped after it). The flag is set only once the warning has
+            # been shown: under -W error it raises, rejecting this call and every such call.
             from sampleweights.validation import warning_stacklevel
 
             warnings.warn(
-                f"{type(self).__name__}: every token's `logits` are non-negative and sum to 1: "
+                f"{type(self).__name__}: {what}: "
                 "these look like probabilities (softmax outputs), which shrink every score. Pass "
                 "the model's raw outputs before softmax, or probs.log() if probabilities are all "
                 "you have.",
@@ -515,7 +507,6 @@ class Scorer(abc.ABC):
                 stacklevel=warning_stacklevel(),
             )
             self._warned_probabilities = True
-        return indices, logits, targets
 
     def _check_indices(self, indices: Tensor) -> None:
         """Dataset indices must lie in ``[0, num_examples)`` (a host sync for CUDA tensors)."""
