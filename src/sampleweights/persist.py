@@ -368,8 +368,8 @@ def _fsync_dir(directory: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError:  # some filesystems refuse fsync on directories; the rename stands
+        return
     finally:
         os.close(fd)
 

@@ -581,9 +581,7 @@ class Scorer(abc.ABC):
         self._flush()
         state = {k: v[: self.num_examples] for k, v in self._state.items()}
         skipped_t = self._skipped
-        if local:
-            pass
-        elif is_distributed(self.process_group):
+        if not local and is_distributed(self.process_group):
             rows = exchange_header(
                 self.name,
                 OP_COMPUTE,
@@ -598,7 +596,12 @@ class Scorer(abc.ABC):
             self._rank_run_updates = [row[5] for row in rows]
             state = self._merge(state)
             skipped_t = all_reduce_copy(self._skipped, "sum", self.process_group)
-        elif self._world is not None and self._world[0] > 1 and not self.exchanges_updates:
+        elif (
+            not local
+            and self._world is not None
+            and self._world[0] > 1
+            and not self.exchanges_updates
+        ):
             size, rank = self._world
             raise RuntimeError(
                 f"{type(self).__name__}.compute(): this state was updated on rank {rank} of a "
