@@ -10,7 +10,8 @@ Targets (docs/performance.md, "Scoring hot path"): the collection of EL2N, forge
 Misclassified, AUM, data maps and loss (``collection_six``) ≤ 1.5× ``el2n_alone`` and ≤ 0.6×
 ``separate_six``; per update ≤ 2 % of a ResNet-18-width CNN's forward at batch 128 and ≤ 10 % of
 the MNIST-1D CNN's forward at batch 512. ``collection_all`` adds margin, entropy and confidence
-(the entropy is a log per logit, as dear as the exponentials).
+(the entropy is a log per logit, as dear as the exponentials). ``collection_six_compiled`` is
+``ScorerCollection(..., compile=True)`` (its compilation happens before the timing).
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def _batch(batch: int, classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 @pytest.mark.parametrize(("batch", "classes"), [(512, 10), (256, 1000), (64, 32000)])
-@pytest.mark.parametrize("what", ["el2n_alone", "collection_six", "collection_all", "separate_six"])
+@pytest.mark.parametrize(
+    "what",
+    ["el2n_alone", "collection_six", "collection_six_compiled", "collection_all", "separate_six"],
+)
 def test_collection_vs_separate(benchmark, batch, classes, what):
     benchmark.group = f"collection-{batch}x{classes}"
     indices, logits, targets = _batch(batch, classes)
@@ -56,7 +60,11 @@ def test_collection_vs_separate(benchmark, batch, classes, what):
         el2n = sw.EL2N(N)
         benchmark(el2n.update_indexed, indices, logits, targets)
     elif what.startswith("collection"):
-        collection = sw.ScorerCollection(*(_six(N) if what == "collection_six" else _all(N)))
+        compiled = what.endswith("_compiled")
+        scorers = _all(N) if what == "collection_all" else _six(N)
+        collection = sw.ScorerCollection(*scorers, compile=compiled)
+        if compiled:
+            collection.update_indexed(indices, logits, targets)  # compile outside the timing
         benchmark(collection.update_indexed, indices, logits, targets)
     else:
         separate = _six(N)
@@ -75,7 +83,9 @@ def test_collection_vs_separate(benchmark, batch, classes, what):
         ("resnet18-gn-b128", resnet18_gn, lambda: torch.randn(128, 3, 32, 32)),
     ],
 )
-@pytest.mark.parametrize("what", ["forward", "collection_six", "el2n_alone"])
+@pytest.mark.parametrize(
+    "what", ["forward", "collection_six", "collection_six_compiled", "el2n_alone"]
+)
 def test_collection_vs_forward(benchmark, name, make_model, inputs, what):
     """The collection's update against the no-grad forward that produced its logits (10
     classes); the MNIST-1D CNN is the README's 2.5k-parameter model (16 channels)."""
@@ -88,5 +98,9 @@ def test_collection_vs_forward(benchmark, name, make_model, inputs, what):
             benchmark.pedantic(model, args=(x,), rounds=rounds, warmup_rounds=1)
         return
     indices, logits, targets = _batch(x.shape[0], 10)
-    scorer = sw.ScorerCollection(*_six(N)) if what == "collection_six" else sw.EL2N(N)
+    if what == "el2n_alone":
+        scorer: sw.Scorer | sw.ScorerCollection = sw.EL2N(N)
+    else:
+        scorer = sw.ScorerCollection(*_six(N), compile=what.endswith("_compiled"))
+    scorer.update_indexed(indices, logits, targets)  # any compilation outside the timing
     benchmark(scorer.update_indexed, indices, logits, targets)

@@ -349,3 +349,104 @@ def test_grouping_of_a_batch_is_shared_until_the_indices_change():
         c = sw.ScorerCollection(sw.ForgettingTracker(3), sw.Misclassified(3), sw.EL2N(3))
         c.update_indexed(made, torch.randn(3, 4), torch.tensor([0, 1, 2]))
     assert c["misclassified"].compute().isfinite().all()
+
+
+# -- the opt-in compiled statistics (ScorerCollection(..., compile=True)) ------------------------
+
+
+def _compile_works() -> bool:
+    try:
+        import torch._dynamo
+    except Exception:  # pragma: no cover - a torch build without dynamo
+        return False
+    return hasattr(torch, "compile") and torch._dynamo.is_dynamo_supported()
+
+
+def test_a_collection_compiles_nothing_unless_asked(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.compile was called without compile=True")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    c = sw.ScorerCollection(*all_logit_scorers(10))
+    for idx, logits, targets in updates(0):
+        c.update_indexed(idx, logits, targets)
+    assert c._fused is None
+
+
+def test_compile_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"`compile` to be True or False.*got str"):
+        sw.ScorerCollection(sw.EL2N(3), compile="yes")
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_statistics_with_a_warning():
+    class Broken:
+        def __call__(self, *args):
+            raise RuntimeError("no C++ compiler")
+
+    eager = sw.ScorerCollection(*all_logit_scorers(10))
+    broken = sw.ScorerCollection(*all_logit_scorers(10))
+    broken._fused = Broken()  # stands for a compiled pass whose compilation fails
+    batches = updates(1)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
+        broken.update_indexed(*batches[0])
+    eager.update_indexed(*batches[0])
+    for batch in batches[1:]:  # warned once, then eager for good
+        broken.update_indexed(*batch)
+        eager.update_indexed(*batch)
+    assert broken._fused is None
+    for name, scores in eager.compute().items():
+        torch.testing.assert_close(broken.compute()[name], scores, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile is unavailable here")
+def test_compiled_statistics_agree_with_the_eager_ones(monkeypatch):
+    """Correctness and the margins are the eager bits; the sums of exponentials round in the
+    compiler's order: ≤ 1e-5 relative (a few fp32 ulps of a sum over the classes)."""
+    from sampleweights.scorers import collection as module
+
+    # one static-shape kernel, then the dynamic-shape one: both paths in two compilations
+    monkeypatch.setattr(module, "_STATIC_SHAPES", 1)
+    monkeypatch.setattr(module, "_COMPILED", [])
+    eager = sw.ScorerCollection(*all_logit_scorers(40))
+    compiled = sw.ScorerCollection(*all_logit_scorers(40), compile=True)
+    gen = torch.Generator().manual_seed(3)
+    for batch in (16, 16, 9, 23, 16):  # changing batch sizes
+        idx = torch.randint(0, 40, (batch,), generator=gen)
+        logits = torch.randn(batch, 7, generator=gen) * 6
+        logits[0, 3] = logits[0, 5] = logits[0].max() + 1  # an exact tie for the maximum
+        targets = torch.randint(0, 7, (batch,), generator=gen)
+        targets[0] = 5
+        eager.update_indexed(idx, logits, targets)
+        compiled.update_indexed(idx, logits, targets)
+    assert compiled._fused is not None  # no fallback
+    assert len(compiled._fused.kinds) == 1  # the batches of 9 and 23 took the dynamic kernel
+    want, got = eager.compute(), compiled.compute()
+    for name in ("forgetting", "misclassified", "aum"):
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, equal_nan=True)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("make", [sw.DataMaps, sw.ForgettingTracker, sw.Misclassified])
+def test_batches_without_repeated_indices_scatter_the_same_bits_as_grouped_ones(make):
+    """A batch whose indices are distinct takes a shorter scatter on CPU; the same rows plus two
+    rows for the trash slot (a repeat: the grouped scatter) must leave the same state."""
+    n = 12
+    fast, grouped = make(n), make(n)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(1, 9):
+        idx = torch.randperm(n, generator=gen)[:7]
+        if make is sw.DataMaps:
+            values = torch.stack(
+                [torch.rand(7, generator=gen), (torch.rand(7, generator=gen) > 0.5).float()], 1
+            )
+        else:
+            values = torch.rand(7, generator=gen) > 0.4
+        trash = torch.tensor([n, n])
+        fast._scatter(idx, values, step)
+        grouped._scatter(torch.cat([idx, trash]), torch.cat([values, values[:2]]), step)
+    for name, state in fast._state.items():
+        other = grouped._state[name]
+        assert torch.equal(state[:n].view(-1), other[:n].view(-1)), name
+        if state.is_floating_point():  # bit for bit, signed zeros included
+            assert torch.equal(state[:n].view(torch.int64), other[:n].view(torch.int64)), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -222,3 +223,83 @@ def test_label_noise_smoke_and_resume(tmp_path, monkeypatch, capsys):
     (Path(first["cells"]) / "oracle@0.2#1.json").unlink()
     resumed = label_noise.main(smoke(tmp_path))
     assert trained == ["oracle@0.2#1"] and resumed["test_accuracy"] == first["test_accuracy"]
+
+
+def test_data_diet_larger_setting_flags_parse_and_are_validated():
+    import data_diet
+
+    default = data_diet.parse([])
+    assert default.n_train == 4000 and default.equal_steps
+    assert default.fractions == [0.1, 0.3, 0.5, 0.7]
+    assert default.strategies == list(data_diet.STRATEGIES)
+    large = data_diet.parse(
+        ["--examples", "16000", "--strategies", "random,grand-hardest", "--fractions", "0.5,0.9"]
+    )
+    assert large.n_train == 16000 and large.strategies == ["random", "grand-hardest"]
+    assert large.fractions == [0.5, 0.9]
+    assert data_diet.parse(["--n-train", "800"]).n_train == 800  # the old spelling still works
+    assert data_diet.parse(["--fractions", "0.5", "0.7"]).fractions == [0.5, 0.7]
+    assert not data_diet.parse(["--no-equal-steps"]).equal_steps
+    for argv, flag in [
+        (["--strategies", "random,el2n-hardst"], "--strategies"),
+        (["--strategies", ","], "--strategies"),
+        (["--fractions", "0.5,1.5"], "--fractions"),
+        (["--fractions", "half"], "--fractions"),
+        (["--examples", "0"], "--examples"),
+    ]:
+        with pytest.raises(ValueError, match=flag):
+            data_diet.parse(argv)
+
+
+def test_data_diet_cell_key_follows_the_settings_that_change_results(tmp_path):
+    import data_diet
+
+    cpu = torch.device("cpu")
+
+    def folder(*argv: str) -> Path:
+        return data_diet.Cells(tmp_path, data_diet.cell_settings(data_diet.parse(argv), cpu)).folder
+
+    default = folder()
+    # the default key is what it was before the flags existed: saved cells stay valid
+    before = {"n_train": 4000, "epochs": 30, "score_seeds": 4, "score_epochs": 3}
+    before |= {"batch_size": 128, "lr": 0.01, "device": "cpu"}
+    assert default == data_diet.Cells(tmp_path, before).folder
+    assert folder("--examples", "16000") != default
+    assert folder("--no-equal-steps") != default
+    assert folder("--equal-steps") == default
+    # which cells run does not change what a cell holds (cells are named by strategy@fraction#seed)
+    assert folder("--strategies", "random,el2n-hardest", "--fractions", "0.5,0.9") == default
+
+
+@pytest.mark.parametrize("equal_steps", [True, False])
+def test_data_diet_equal_steps_and_grid_restriction(tmp_path, data, monkeypatch, equal_steps):
+    import data_diet
+
+    steps: dict[str, int] = {}
+    real_train = data_diet.train
+
+    def counting_train(model, loader, epochs, *args, **kwargs):
+        steps[kwargs["desc"]] = epochs * len(loader)
+        return real_train(model, loader, epochs, *args, **kwargs)
+
+    monkeypatch.setattr(data_diet, "train", counting_train)
+    monkeypatch.setattr(data_diet, "plot", lambda out, path: None)
+    flag = "--equal-steps" if equal_steps else "--no-equal-steps"
+    out = data_diet.main(smoke(tmp_path, "--strategies", "random,el2n-hardest", flag, data=data))
+    # only the strategies asked for were trained: full data + 2 strategies × 2 fractions × 2 seeds
+    assert list(out["results"]) == out["strategies"] == ["random", "el2n-hardest"]
+    retrained = {k: v for k, v in steps.items() if not k.startswith("scoring")}
+    assert len(retrained) == 2 + 2 * 2 * 2 and out["runs_computed"] == len(retrained)
+    full = steps["full-data#0"]
+    assert out["steps"]["full-data"] == full == 2 * math.ceil(400 / 128)  # 2 epochs of 400
+    for name, n in retrained.items():
+        if name.startswith("full-data"):
+            assert n == full
+            continue
+        frac = float(name.split("@")[1].split("#")[0])
+        assert out["steps"][str(frac)] == n
+        if equal_steps:
+            assert n == full  # every kept fraction: as many optimiser steps as full data
+        else:
+            assert n == 2 * math.ceil(round(frac * 400) / 128)  # one pass over the subset an epoch
+    assert out["equal_steps"] is equal_steps

@@ -11,6 +11,7 @@ updated separately.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ from sampleweights.distributed import (
 )
 from sampleweights.errors import StateMismatchError
 from sampleweights.scorers.base import Scorer, TokenBatch
-from sampleweights.scorers.rowstats import RowStats
+from sampleweights.scorers.rowstats import RowStats, _fused, _fused_any_shape, _FusedRowStats
 from sampleweights.scorers.stats import Entropy
 from sampleweights.validation import finite_rows
 
@@ -56,9 +57,17 @@ class ScorerCollection:
         *scorers: logit scorers (at least one).
         layout: where ``update(batch, logits)`` finds index and target; default: the first
             scorer's.
+        compile: compute the shared statistics of ``(B, C)`` batches with ``torch.compile``
+            (inductor; one fused pass instead of ~30 eager operations). Off by default: the
+            first batch of each new shape compiles (seconds), after which batch sizes vary
+            freely (dynamic shapes). The statistics follow the same formulas but round in the
+            compiler's order, so scores can differ from the eager path's in the last bits
+            (≤ 1e-5 relative, see docs/performance.md); correctness (forgetting, misclassified)
+            is identical. Falls back to the eager path, with a warning, if compilation fails.
 
     Raises:
-        TypeError: an argument is not a scorer, or is a scorer that runs the model itself
+        TypeError: an argument is not a scorer, or ``compile`` is not a bool, or a scorer runs
+            the model itself
             (``GraNd``): update that one separately (``g.update(batch)``), or pass both the
             collection and it to ``score_dataset``.
         ValueError: no scorers, duplicate names, or different ``num_examples``.
@@ -76,7 +85,9 @@ class ScorerCollection:
     #: a collection holds logit scorers only (see :func:`~sampleweights.score_dataset`)
     requires_model: ClassVar[bool] = False
 
-    def __init__(self, *scorers: Scorer, layout: BatchLayout | None = None) -> None:
+    def __init__(
+        self, *scorers: Scorer, layout: BatchLayout | None = None, compile: bool = False
+    ) -> None:
         if not scorers:
             raise ValueError("ScorerCollection needs at least one scorer, e.g. sw.EL2N(n).")
         for s in scorers:
@@ -107,7 +118,16 @@ class ScorerCollection:
             raise TypeError(
                 f"Expected `layout` to be a sw.BatchLayout, but got {type(layout).__name__}."
             )
+        if not isinstance(compile, bool):
+            raise TypeError(
+                f"Expected `compile` to be True or False (torch.compile the shared statistics), "
+                f"but got {type(compile).__name__}."
+            )
         self._scorers: dict[str, Scorer] = dict(zip(names, scorers, strict=True))
+        self._fused: _CompiledPass | None = None
+        if compile:
+            self._fused = _compiled_fused()
+        self._entropy = any(isinstance(s, Entropy) for s in scorers)
         self.layout = layout or scorers[0].layout
         self.num_examples = sizes[0]
 
@@ -160,7 +180,7 @@ class ScorerCollection:
             self._update_tokens(scorers, index_t, logits_t, target_t, skip)
             return
         finite = finite_rows(logits_t) if skip else None
-        stats = RowStats(logits_t, target_t, margins=True)
+        stats = self._row_stats(logits_t, target_t)
         values: list[Tensor | None] = [None] * len(scorers)
         # the entropy consumes the shared buffer: read it after everything else
         for k in sorted(range(len(scorers)), key=lambda k: isinstance(scorers[k], Entropy)):
@@ -169,6 +189,24 @@ class ScorerCollection:
         exchanged = self._exchange(index_t, ready, finite)
         for s, v in zip(scorers, ready, strict=True):
             s._ingest(index_t, v, finite if s.nonfinite == "skip" else None, exchanged.get(s.name))
+
+    def _row_stats(self, logits: Tensor, targets: Tensor) -> RowStats:
+        """The batch's shared statistics: compiled when asked for (and the batch has two
+        classes or more: a single class leaves the margins to raise, eagerly), else eager."""
+        if self._fused is None or logits.shape[1] < 2 or logits.shape[0] == 0:
+            return RowStats(logits, targets, margins=True)
+        try:
+            fused = self._fused(logits, targets, self._entropy)
+        except Exception as err:  # a compiler missing or failing: the eager path, once warned
+            self._fused = None
+            warnings.warn(
+                f"ScorerCollection(compile=True): torch.compile failed ({type(err).__name__}: "
+                f"{err}); using the eager statistics from now on.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return RowStats(logits, targets, margins=True)
+        return _FusedRowStats(logits, targets, fused)
 
     def _update_tokens(
         self, scorers: list[Scorer], indices: Tensor, logits: Tensor, targets: Tensor, skip: bool
@@ -394,6 +432,37 @@ def _from_int64_rows(rows: list[Tensor], like: Tensor) -> Tensor:
 
 
 _SAME_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class _CompiledPass:
+    """The shared statistics' pass under ``torch.compile``: static-shape kernels (the fastest)
+    for the first ``_STATIC_SHAPES`` input kinds (shape, dtype, device, entropy or not), which
+    covers a training loop's batch size and its last, shorter batch; one dynamic-shape kernel
+    for any further kind, so varying batch sizes never recompile again."""
+
+    def __init__(self) -> None:
+        self.static = torch.compile(_fused, dynamic=False)
+        self.dynamic = torch.compile(_fused_any_shape, dynamic=True)
+        self.kinds: set[tuple[Any, ...]] = set()
+
+    def __call__(self, logits: Tensor, targets: Tensor, entropy: bool) -> tuple[Tensor, ...]:
+        kind = (tuple(logits.shape), logits.dtype, logits.device, entropy)
+        if kind in self.kinds or len(self.kinds) < _STATIC_SHAPES:
+            self.kinds.add(kind)
+            return tuple(self.static(logits, targets, entropy))
+        return tuple(self.dynamic(logits, targets, entropy))
+
+
+_STATIC_SHAPES = 4
+_COMPILED: list[_CompiledPass] = []  # the one compiled pass, made on demand
+
+
+def _compiled_fused() -> _CompiledPass:
+    """The compiled pass, made once per process: its kernels are shared by every collection
+    that asks for them (compilation happens at the first batch of each kind, not here)."""
+    if not _COMPILED:
+        _COMPILED.append(_CompiledPass())
+    return _COMPILED[0]
 
 
 def _out_of_step(name: str, rows: list[list[int]]) -> str:

@@ -92,28 +92,51 @@ class DataMaps(Scorer):
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         # group the batch by example (batch order kept), then per group its count, mean and M₂
         sorted_idx, order, is_last = last_occurrence(indices)
+        mean, m2 = self._state["mean"], self._state["m2"]
+        if is_last.device.type == "cpu" and bool(is_last.all()):
+            # every index once (no device to wait for on CPU): each group is one row, n_b = 1,
+            # mean_b = p, M₂_b = 0, so the merge below reduces to these same operations, bit for
+            # bit (m2_a + 0 = m2_a, n_a·1 = n_a), in batch order, with half the ops
+            p = values[:, 0].to(torch.float64)
+            n_a = self._state["count"].index_select(0, indices).to(torch.float64)
+            mean_a = mean.index_select(0, indices)
+            n = n_a + 1.0
+            delta = p - mean_a
+            mean.index_copy_(0, indices, mean_a + delta * (1.0 / n))
+            m2.index_copy_(0, indices, m2.index_select(0, indices) + delta.square() * (n_a / n))
+        else:
+            self._scatter_groups(sorted_idx, order, is_last, values)
+        ones = torch.ones_like(indices, dtype=torch.int32)
+        self._state["count"].index_add_(0, indices, ones)
+        self._state["correct"].index_add_(0, indices, values[:, 1].to(torch.int32))
+
+    def _scatter_groups(
+        self, sorted_idx: Tensor, order: Tensor, is_last: Tensor, values: Tensor
+    ) -> None:
+        """The mean and ``M₂`` of a batch whose indices may repeat (see ``_scatter``)."""
         size = len(sorted_idx)
-        first = torch.ones_like(is_last)
-        first[1:] = is_last[:-1]
+        first = is_last.roll(1)  # a group starts after the previous one's last row (row 0 too)
         group = first.cumsum(0) - 1  # (B,) the group of each sorted row
-        p = values[order, 0].to(torch.float64)
-        zeros = torch.zeros(size, dtype=torch.float64, device=p.device)
-        n_b = zeros.index_add(0, group, torch.ones_like(p))
-        mean_b = zeros.index_add(0, group, p).div_(n_b.clamp_min(1.0))
-        m2_b = zeros.index_add(0, group, (p - mean_b[group]).square_())
+        # index_select rather than [] indexing: the same gather, half the dispatch cost
+        p = values[:, 0].index_select(0, order).to(torch.float64)
+        n_b = torch.zeros(size, dtype=torch.float64, device=p.device)
+        n_b.index_add_(0, group, torch.ones_like(p))
+        mean_b = torch.zeros_like(n_b).index_add_(0, group, p).div_(n_b.clamp_min(1.0))
+        nb, mb = n_b.index_select(0, group), mean_b.index_select(0, group)
+        m2_b = torch.zeros_like(n_b).index_add_(0, group, (p - mb).square_())
         # Chan et al.: merge (n_a, mean_a, M₂_a) with the group's (n_b, mean_b, M₂_b), written
         # once per example at its last row (the other rows write the spare slot)
         slot = torch.where(is_last, sorted_idx, self.num_examples)
         mean, m2 = self._state["mean"], self._state["m2"]
-        n_a = self._state["count"][slot].to(torch.float64)
-        nb, mb = n_b[group], mean_b[group]
+        n_a = self._state["count"].index_select(0, slot).to(torch.float64)
+        mean_a = mean.index_select(0, slot)
         n = n_a + nb
-        delta = mb - mean[slot]
-        mean.index_copy_(0, slot, mean[slot] + delta * (nb / n))
-        m2.index_copy_(0, slot, m2[slot] + m2_b[group] + delta.square() * (n_a * nb / n))
-        ones = torch.ones_like(indices, dtype=torch.int32)
-        self._state["count"].index_add_(0, indices, ones)
-        self._state["correct"].index_add_(0, indices, values[:, 1].to(torch.int32))
+        delta = mb - mean_a
+        mean.index_copy_(0, slot, mean_a + delta * (nb / n))
+        m2_a = m2.index_select(0, slot)
+        m2.index_copy_(
+            0, slot, m2_a + m2_b.index_select(0, group) + delta.square() * (n_a * nb / n)
+        )
 
     def _merge(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """The ranks' counts summed; means and ``M₂`` merged by Chan et al.'s formula."""

@@ -118,24 +118,37 @@ class ForgettingTracker(Scorer):
 
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         sorted_idx, order, is_last = last_occurrence(indices)
-        now = values[order]  # correctness in (index, batch position) order
-        # The previous presentation: the row before in the same group, else the stored state.
-        same_as_prev = torch.zeros_like(is_last)
-        same_as_prev[1:] = ~is_last[:-1]
-        prev_in_batch = torch.zeros_like(now)
-        prev_in_batch[1:] = now[:-1]
-        prev = torch.where(same_as_prev, prev_in_batch, self._state["last_correct"][sorted_idx])
+        if is_last.device.type == "cpu" and bool(is_last.all()):
+            # every index once (no device to wait for on CPU): each row's previous presentation
+            # is the stored one and each row is its index's last, so no sorted order is needed
+            # (the same integer and boolean results, with a third fewer ops)
+            forgotten = self._state["last_correct"].index_select(0, indices) > values
+            self._add_presentations(indices, values, forgotten)
+            self._state["last_correct"].index_copy_(0, indices, values)
+            return
+        now = values.index_select(0, order)  # correctness in (index, batch position) order
+        # The previous presentation: the stored state at a group's first row, else the row
+        # before. The last row ends a group (is_last[-1] is True), so rolling is_last by one
+        # marks every group's first row, row 0 included; row 0 never reads now's wrap-around.
+        first = is_last.roll(1)
+        prev = torch.where(
+            first, self._state["last_correct"].index_select(0, sorted_idx), now.roll(1)
+        )
         # A stored last_correct is False until the first presentation of the run, so no event is
         # counted for a first presentation (nor against the previous run).
-        forgotten = prev & ~now
-        ones = torch.ones_like(sorted_idx, dtype=torch.int32)
-        self._state["events"].index_add_(0, sorted_idx, forgotten.to(torch.int32))
-        self._state["presentations"].index_add_(0, sorted_idx, ones)
-        # learned |= now: correct rows set True, the others go to the trash slot
-        self._state["learned"].index_fill_(0, torch.where(now, sorted_idx, self.num_examples), True)
+        forgotten = prev > now  # prev & ~now, one op on bools
+        self._add_presentations(sorted_idx, now, forgotten)
         # only each index's last presentation is remembered; the others go to the trash slot
         last_slot = torch.where(is_last, sorted_idx, self.num_examples)
         self._state["last_correct"].index_copy_(0, last_slot, now)
+
+    def _add_presentations(self, indices: Tensor, now: Tensor, forgotten: Tensor) -> None:
+        """Count the rows' presentations and events; ``learned |= now``."""
+        ones = torch.ones_like(indices, dtype=torch.int32)
+        self._state["events"].index_add_(0, indices, forgotten.to(torch.int32))
+        self._state["presentations"].index_add_(0, indices, ones)
+        # correct rows set True, the others go to the trash slot
+        self._state["learned"].index_fill_(0, torch.where(now, indices, self.num_examples), True)
 
     @staticmethod
     def _with_current_run(state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:

@@ -79,8 +79,13 @@ class Misclassified(Scorer):
 
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         sorted_idx, order, is_last = last_occurrence(indices)
+        if is_last.device.type == "cpu" and bool(is_last.all()):
+            # every index once (no device to wait for on CPU): every row is its index's latest
+            self._state["wrong"].index_copy_(0, indices, values)
+            self._state["step"].index_fill_(0, indices, step)
+            return
         last_slot = torch.where(is_last, sorted_idx, self.num_examples)
-        self._state["wrong"].index_copy_(0, last_slot, values[order])
+        self._state["wrong"].index_copy_(0, last_slot, values.index_select(0, order))
         self._state["step"].index_fill_(0, last_slot, step)
 
     def _begin_run(self) -> None:

@@ -57,6 +57,7 @@ from torch import Tensor
 __all__ = ["RowStats"]
 
 _TINY = torch.finfo(torch.float32).tiny  # smallest normal fp32
+_LOG2_E = 1.4426950408889634  # log2(e)
 
 
 def _minus(a: Tensor, b: Tensor) -> Tensor:
@@ -321,3 +322,95 @@ class RowStats:
         """EL2N ``‖softmax(x) − e_y‖₂`` without cancellation: what :func:`~sampleweights.el2n`
         returns, bit for bit."""
         return self._pass.el2n(self.logits, self.targets)
+
+
+# -- the opt-in compiled pass (ScorerCollection(..., compile=True)) --------------------------------
+
+#: the statistics the compiled pass fills in, in the order ``_fused`` returns them
+_FUSED = ("correct", "p_target", "wrong_mass", "log_norm", "loss", "logit_margin", "prob_margin")
+
+
+def _fused(logits: Tensor, targets: Tensor, entropy: bool) -> tuple[Tensor, ...]:
+    """The shared pass of :class:`_Pass` written out of place for ``torch.compile``: two sweeps
+    over the logits, the first for the maxima (``m``, ``max_{j≠y} x_j``, the arg-max), the second
+    for every sum of exponentials (one ``exp`` per entry). The same formulas as the eager pass,
+    so the same precision guarantees, rounded in the compiler's order; the margins and
+    correctness are the eager bits (``fl(x − m)`` is monotonic in ``x``, so the max of the
+    differences is the difference of the max). EL2N's power-of-two scale ``u`` comes from
+    ``q_o = max_{j≠y} e_j`` (``u·q_o ≤ 1``, so no square overflows and the largest does not
+    underflow) instead of from ``W``, so it is known before the second sweep. Returns the
+    ``_FUSED`` statistics, EL2N, then the entropy if asked for."""
+    y = targets.view(-1, 1)
+    column = torch.arange(logits.shape[1], device=logits.device).view(1, -1)
+    is_y = column == y
+    top = logits.amax(dim=1, keepdim=True)
+    t_y = _minus(logits.gather(1, y), top)
+    t_other = _minus(logits.masked_fill(is_y, -torch.inf).amax(dim=1, keepdim=True), top)
+    # correct = (argmax == y) without an arg-max (a slow reduction in the compiled kernel): the
+    # target is the unique maximum, or it ties for it (then x_y is the maximum) and no maximum
+    # comes before it
+    earlier_top = ((logits == top) & (column < y)).any(dim=1, keepdim=True)
+    correct = ((t_y > t_other) | ((t_y == t_other) & ~earlier_top)).view(-1)
+    q = _minus(logits, top).exp().masked_fill(is_y, 0.0)  # exp(t) with the target entry 0
+    e_y = t_y.exp()
+    wrong = q.sum(dim=1, keepdim=True)  # W
+    norm = wrong + e_y  # Σe ≥ 1
+    log_norm = torch.log1p(wrong + (e_y - 1.0))
+    margin = (t_y - t_other).view(-1)
+    lead = torch.where(margin >= 0, -torch.expm1(-margin), torch.expm1(margin))
+    up = torch.exp2(torch.floor(t_other * -_LOG2_E).clamp(0.0, 126.0))  # u = 2^k, u·q_o ≤ 1
+    spread = (q * up).square().sum(dim=1, keepdim=True).sqrt()  # ‖u·q‖
+    el2n = torch.hypot(spread, up * wrong) / (up * norm)
+    out = (
+        correct,
+        (e_y / norm).view(-1),
+        (wrong / norm).view(-1),
+        log_norm.view(-1),
+        (log_norm - t_y).view(-1),
+        margin,
+        lead / norm.view(-1),
+        el2n.view(-1),
+    )
+    if not entropy:
+        return out
+    index = logits.argmax(dim=1, keepdim=True)
+    is_top = column == index
+    rest = q.masked_fill(is_top, 0.0)  # e over j ∉ {y, argmax}
+    miss = (index != y).to(torch.float32)
+    log_sum = torch.log1p(rest.sum(dim=1, keepdim=True) + miss * e_y)
+    target_term = torch.where(e_y > 0, e_y * t_y, 0.0)
+    e_log_e = torch.xlogy(rest, rest).sum(dim=1, keepdim=True) + miss * target_term
+    return (*out, (log_sum - e_log_e / norm).view(-1))
+
+
+def _fused_any_shape(logits: Tensor, targets: Tensor, entropy: bool) -> tuple[Tensor, ...]:
+    """:func:`_fused` under another name, so that its compiled form (dynamic shapes) has a cache
+    of its own, apart from the static-shape one."""
+    return _fused(logits, targets, entropy)
+
+
+class _FusedRowStats(RowStats):
+    """:class:`RowStats` whose statistics come from one call of a compiled ``_fused`` (passed
+    in): every statistic listed in ``_FUSED``, EL2N and (when computed) the entropy; any other
+    (``target_logit``, ``other_logit``) is computed eagerly by :class:`RowStats` on first use."""
+
+    def __init__(self, logits: Tensor, targets: Tensor, fused: tuple[Tensor, ...]) -> None:
+        super().__init__(logits, targets, margins=False)
+        values = dict(zip((*_FUSED, "el2n", "entropy"), fused, strict=False))
+        self._fused_values = values
+        # the cached properties of RowStats read their value from the instance dict first
+        for name in ("correct", "loss", "logit_margin", "prob_margin", "el2n", "entropy"):
+            if name in values:
+                self.__dict__[name] = values[name]
+
+    @property
+    def p_target(self) -> Tensor:
+        return self._fused_values["p_target"]
+
+    @property
+    def wrong_mass(self) -> Tensor:
+        return self._fused_values["wrong_mass"]
+
+    @property
+    def log_norm(self) -> Tensor:
+        return self._fused_values["log_norm"]
