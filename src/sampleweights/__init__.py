@@ -49,7 +49,7 @@ from sampleweights.scorers import (
 )
 from sampleweights.select import Strategy, select
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AUM",
