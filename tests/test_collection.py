@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import copy
-import weakref
-from collections import Counter
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, TensorDataset
 
 import sampleweights as sw
+from buffers import LiveBuffers
 from sampleweights.scorers.rowstats import RowStats
 
 
@@ -183,37 +181,6 @@ def test_score_dataset_accepts_a_collection():
     assert all(bool(v.isfinite().all()) for v in scores.values())
 
 
-class _LiveBuffers(TorchDispatchMode):
-    """Counts the (B, C)-sized float32 tensors alive at once (other than the logits)."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.numel, self.skip = logits.numel(), logits.data_ptr()
-        self.live: Counter[int] = Counter()
-        self.peak = 0
-
-    def _drop(self, ptr: int) -> None:
-        self.live[ptr] -= 1
-        if not self.live[ptr]:
-            del self.live[ptr]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if (
-                isinstance(t, torch.Tensor)
-                and t.dtype == torch.float32
-                and t.numel() >= self.numel
-                and t.data_ptr() != self.skip
-                and not any(t is a for a in tree_flatten((args, kwargs))[0])  # in place
-            ):
-                ptr = t.data_ptr()
-                self.live[ptr] += 1
-                weakref.finalize(t, self._drop, ptr)
-                self.peak = max(self.peak, len(self.live))
-        return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_shared_statistics_hold_at_most_one_batch_by_vocabulary_buffer(dtype):
     """Large vocabularies: every logit scorer's values from one RowStats, one (B, C) fp32
@@ -222,7 +189,7 @@ def test_shared_statistics_hold_at_most_one_batch_by_vocabulary_buffer(dtype):
     logits = (torch.randn(batch, vocab) * 3).to(dtype)
     y = torch.randint(0, vocab, (batch,))
     scorers = all_logit_scorers(1)
-    with _LiveBuffers(logits) as counter:
+    with LiveBuffers(logits) as counter:
         stats = RowStats(logits, y)
         values = [s._values_from(stats) for s in scorers]
     assert all(v.shape[0] == batch for v in values)

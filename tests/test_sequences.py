@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-import weakref
-from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import sampleweights as sw
+from buffers import LiveBuffers
 from conftest import assert_same_state, snapshot
 
 
@@ -315,38 +312,6 @@ def test_non_contiguous_logits_give_the_same_values():
     assert torch.equal(a.compute(), b.compute())
 
 
-class _LiveBuffers(TorchDispatchMode):
-    """Peak number of float32 tensors of at least ``numel`` entries alive at once, other than
-    views of the logits' storage."""
-
-    def __init__(self, logits: torch.Tensor, numel: int) -> None:
-        super().__init__()
-        self.numel, self.skip = numel, logits.untyped_storage().data_ptr()
-        self.live: Counter[int] = Counter()
-        self.peak = 0
-
-    def _drop(self, ptr: int) -> None:
-        self.live[ptr] -= 1
-        if not self.live[ptr]:
-            del self.live[ptr]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if (
-                isinstance(t, torch.Tensor)
-                and t.dtype == torch.float32
-                and t.numel() >= self.numel
-                and t.untyped_storage().data_ptr() != self.skip
-                and not any(t is a for a in tree_flatten((args, kwargs))[0])  # in place
-            ):
-                ptr = t.untyped_storage().data_ptr()
-                self.live[ptr] += 1
-                weakref.finalize(t, self._drop, ptr)
-                self.peak = max(self.peak, len(self.live))
-        return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nonfinite", ["raise", "skip"])
 def test_a_sequence_collection_holds_one_tokens_by_vocabulary_buffer(dtype, nonfinite):
@@ -355,15 +320,15 @@ def test_a_sequence_collection_holds_one_tokens_by_vocabulary_buffer(dtype, nonf
     y = torch.randint(0, vocab, (batch, length))
     y[1, 5:] = -100
     c = sw.ScorerCollection(*logit_scorers(2, nonfinite=nonfinite))
-    with _LiveBuffers(logits, batch * length * vocab) as counter:
+    with LiveBuffers(logits, batch * length * vocab) as counter:
         c.update_indexed([0, 1], logits, y)
     assert counter.peak == 1
     # chunks: no buffer of the whole batch, one of a chunk
     c = sw.ScorerCollection(*logit_scorers(2, nonfinite=nonfinite, chunk_tokens=4))
-    with _LiveBuffers(logits, 4 * vocab + 1) as counter:
+    with LiveBuffers(logits, 4 * vocab + 1) as counter:
         c.update_indexed([0, 1], logits, y)
     assert counter.peak == 0
-    with _LiveBuffers(logits, 4 * vocab) as counter:
+    with LiveBuffers(logits, 4 * vocab) as counter:
         c.update_indexed([0, 1], logits, y)
     assert counter.peak == 1
 
