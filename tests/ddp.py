@@ -38,7 +38,8 @@ def _entry(
         result = fn(rank, world, *args)
         Path(out, f"{rank}.pkl").write_bytes(pickle.dumps(result))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a test may have destroyed the group itself
+            dist.destroy_process_group()
 
 
 def run_ddp(

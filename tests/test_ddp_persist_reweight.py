@@ -93,10 +93,6 @@ def _save(rank, world, directory):
         except RuntimeError as err:
             after_destroy = f"RuntimeError: {err}"
     partial_written = (directory / "partial.npz").exists()
-    # a fresh group, so that the harness can tear it down as usual
-    dist.init_process_group(
-        "gloo", init_method=f"file://{directory / 'store'}", rank=rank, world_size=world
-    )
     return {
         "writes": writes,
         "exists_on_return": exists_on_return,
