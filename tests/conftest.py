@@ -12,6 +12,21 @@ import sampleweights as sw
 LOGIT_SCORERS = [sw.EL2N, sw.ForgettingTracker, sw.Misclassified]
 
 
+def all_logit_scorers(n: int, **kw) -> list[sw.Scorer]:
+    """One of every logit scorer (the confidence one with ``ema``), sharing ``kw``."""
+    return [
+        sw.EL2N(n, **kw),
+        sw.AUM(n, **kw),
+        sw.DataMaps(n, **kw),
+        sw.Loss(n, **kw),
+        sw.Margin(n, **kw),
+        sw.Entropy(n, **kw),
+        sw.Confidence(n, ema=0.8, **kw),
+        sw.ForgettingTracker(n, **kw),
+        sw.Misclassified(n, **kw),
+    ]
+
+
 def snapshot(scorer: sw.Scorer) -> dict:
     """A deep copy of everything a scorer's state_dict holds, for "nothing changed" checks."""
     return copy.deepcopy(scorer.state_dict())

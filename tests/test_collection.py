@@ -11,21 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import sampleweights as sw
 from buffers import LiveBuffers
+from conftest import all_logit_scorers
 from sampleweights.scorers.rowstats import RowStats
-
-
-def all_logit_scorers(n, **kw):
-    return [
-        sw.EL2N(n, **kw),
-        sw.AUM(n, **kw),
-        sw.DataMaps(n, **kw),
-        sw.Loss(n, **kw),
-        sw.Margin(n, **kw),
-        sw.Entropy(n, **kw),
-        sw.Confidence(n, ema=0.8, **kw),
-        sw.ForgettingTracker(n, **kw),
-        sw.Misclassified(n, **kw),
-    ]
 
 
 def updates(seed, n=10, steps=6, batch=8, classes=6, nonfinite=False):

@@ -11,21 +11,7 @@ import torch.nn.functional as F
 
 import sampleweights as sw
 from buffers import LiveBuffers
-from conftest import assert_same_state, snapshot
-
-
-def logit_scorers(n, **kw):
-    return [
-        sw.EL2N(n, **kw),
-        sw.AUM(n, **kw),
-        sw.DataMaps(n, **kw),
-        sw.Loss(n, **kw),
-        sw.Margin(n, **kw),
-        sw.Entropy(n, **kw),
-        sw.Confidence(n, ema=0.8, **kw),
-        sw.ForgettingTracker(n, **kw),
-        sw.Misclassified(n, **kw),
-    ]
+from conftest import all_logit_scorers, assert_same_state, snapshot
 
 
 def batches(seed, n=6, steps=4, batch=5, length=7, classes=9, dtype=torch.float32):
@@ -93,7 +79,7 @@ def test_float_scores_are_the_mean_over_valid_tokens(cls, stat):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_token_sequences_equal_the_row_path_bit_for_bit(dtype):
     """(B, 1, C) with every token valid is exactly the (B, C) batch: the same rows."""
-    for s_rows, s_seq in zip(logit_scorers(6), logit_scorers(6), strict=True):
+    for s_rows, s_seq in zip(all_logit_scorers(6), all_logit_scorers(6), strict=True):
         for idx, logits, y in batches(3, length=1, dtype=dtype):
             y = y.clamp_min(0)  # every token valid
             s_rows.update_indexed(idx, logits[:, 0], y[:, 0])
@@ -206,13 +192,13 @@ def test_mean_of_a_sequence_without_valid_tokens_is_nan():
     ],
 )
 def test_bad_sequence_batches_are_rejected_and_change_nothing(logits, targets, match):
-    for s in logit_scorers(4):
+    for s in all_logit_scorers(4):
         s.update_indexed([0, 1], torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long))
         before = snapshot(s)
         with pytest.raises(ValueError, match=match):
             s.update_indexed([0, 1], logits, targets)
         assert_same_state(before, snapshot(s))
-    c = sw.ScorerCollection(*logit_scorers(4))
+    c = sw.ScorerCollection(*all_logit_scorers(4))
     with pytest.raises(ValueError, match=match):
         c.update_indexed([0, 1], logits, targets)
 
@@ -281,11 +267,11 @@ def test_nonfinite_logits_at_ignored_tokens_do_not_count():
 @pytest.mark.parametrize("chunk", [None, 3, 7, 15])
 def test_collection_and_chunks_equal_separate_scorers_bit_for_bit(dtype, chunk):
     data = batches(5, dtype=dtype)
-    alone = logit_scorers(6)
+    alone = all_logit_scorers(6)
     for s in alone:
         for idx, logits, y in data:
             s.update_indexed(idx, logits, y)
-    together = sw.ScorerCollection(*logit_scorers(6, chunk_tokens=chunk))
+    together = sw.ScorerCollection(*all_logit_scorers(6, chunk_tokens=chunk))
     for idx, logits, y in data:
         together.update_indexed(idx, logits, y)
     for s in alone:
@@ -319,12 +305,12 @@ def test_a_sequence_collection_holds_one_tokens_by_vocabulary_buffer(dtype, nonf
     logits = (torch.randn(batch, length, vocab) * 3).to(dtype)
     y = torch.randint(0, vocab, (batch, length))
     y[1, 5:] = -100
-    c = sw.ScorerCollection(*logit_scorers(2, nonfinite=nonfinite))
+    c = sw.ScorerCollection(*all_logit_scorers(2, nonfinite=nonfinite))
     with LiveBuffers(logits, batch * length * vocab) as counter:
         c.update_indexed([0, 1], logits, y)
     assert counter.peak == 1
     # chunks: no buffer of the whole batch, one of a chunk
-    c = sw.ScorerCollection(*logit_scorers(2, nonfinite=nonfinite, chunk_tokens=4))
+    c = sw.ScorerCollection(*all_logit_scorers(2, nonfinite=nonfinite, chunk_tokens=4))
     with LiveBuffers(logits, 4 * vocab + 1) as counter:
         c.update_indexed([0, 1], logits, y)
     assert counter.peak == 0
@@ -435,8 +421,10 @@ def test_grand_counts_sequences_without_valid_tokens_and_checks_targets():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sequences_on_cuda_match_cpu_without_a_host_sync():
     data = batches(7)
-    cpu = sw.ScorerCollection(*logit_scorers(6))
-    gpu = sw.ScorerCollection(*logit_scorers(6, validate=False, nonfinite="skip", chunk_tokens=9))
+    cpu = sw.ScorerCollection(*all_logit_scorers(6))
+    gpu = sw.ScorerCollection(
+        *all_logit_scorers(6, validate=False, nonfinite="skip", chunk_tokens=9)
+    )
     for idx, logits, y in data:
         cpu.update_indexed(idx, logits, y)
     idx, logits, y = data[0]
