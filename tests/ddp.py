@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -60,3 +62,37 @@ def run_ddp(
             start_method="spawn",
         )
         return [pickle.loads(Path(out, f"{r}.pkl").read_bytes()) for r in range(world)]
+
+
+# Runs the script given as its first argument as ``__main__``, then leaves without the
+# interpreter's teardown. PyTorch keeps a gloo process group's threads alive after
+# ``destroy_process_group()`` once a ``DistributedDataParallel`` model was built on it (they
+# outlive the model), and at exit those threads can race the process's static destructors and
+# abort it ("terminate called without an active exception", SIGABRT in a non-Python thread) after
+# every line of the script ran: seen on a freshly booted, memory-pressed machine. An exception in
+# the script still fails the run (exit code 1).
+_LAUNCHER = """\
+import os, runpy, sys
+script = sys.argv.pop(1)
+runpy.run_path(script, run_name="__main__")
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
+"""
+
+
+def torchrun(
+    script: Path | str, *args: str, cwd: Path, timeout: float = 300, standalone: bool = False
+) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 script *args`` (one thread per process; ``tests/`` on the
+    path), through a launcher that skips the racy interpreter teardown (see ``_LAUNCHER``)."""
+    launcher = Path(cwd, "_torchrun_launcher.py")
+    launcher.write_text(_LAUNCHER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    rendezvous = ["--standalone"] if standalone else []
+    if not standalone:
+        rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]
+    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous]
+    command += ["--nproc_per_node", "2", str(launcher), str(script), *args]
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sampleweights as sw
-from ddp import run_ddp
+from ddp import run_ddp, torchrun
 
 pytestmark = pytest.mark.ddp
 
@@ -412,21 +412,13 @@ def test_per_rank_state_of_another_rank_is_refused():
 
 def test_ddp_recipe_runs_under_torchrun(tmp_path):
     """docs/recipes/ddp.md's script, unchanged, under `torchrun --nproc_per_node 2`."""
-    import os
     import re
-    import subprocess
-    import sys
     from pathlib import Path
 
     recipe = (Path(__file__).resolve().parents[1] / "docs/recipes/ddp.md").read_text()
     (script,) = re.findall(r"^```python\n(.*?)^```", recipe, re.S | re.M)
     (tmp_path / "ddp_scores.py").write_text(script)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", "ddp_scores.py"]
-    done = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
+    done = torchrun("ddp_scores.py", cwd=tmp_path, timeout=240, standalone=True)
     assert done.returncode == 0, done.stderr[-3000:]
     scores, meta = sw.load_scores(str(tmp_path / "el2n.npz"))
     assert meta["world_size"] == 2 and not scores.isnan().any()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import sampleweights as sw  # noqa: E402
+from ddp import torchrun  # noqa: E402
 from sampleweights.integrations.hf import STATE_FILE, ScoringTrainer  # noqa: E402
 
 N, T, V, C = 48, 6, 30, 2
@@ -302,26 +301,7 @@ def test_two_processes_see_every_kept_example_once_per_epoch(tmp_path):
     """Before: accelerate's BatchSamplerShard split our (already per-rank) sampler again: per
     epoch the ranks saw 64 items, 52 distinct of the 100 kept (every other batch, padded), no
     error. A mid-epoch resume continues each rank's order and scores exactly."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "localhost:0",
-            __file__,
-            str(tmp_path),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = torchrun(__file__, str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert [len(r) for r in seen["ranks"]] == [100, 100]  # 2 epochs × 50 per rank
@@ -337,4 +317,7 @@ def test_two_processes_see_every_kept_example_once_per_epoch(tmp_path):
 
 
 if __name__ == "__main__":
+    import torch.distributed as dist
+
     _ddp_job(Path(sys.argv[1]))
+    dist.destroy_process_group()

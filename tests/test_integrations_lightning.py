@@ -7,7 +7,6 @@ file is the 2-process Lightning job the DDP tests launch.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 
 import sampleweights as sw  # noqa: E402
+from ddp import torchrun  # noqa: E402
 from sampleweights.integrations.lightning import ScoringCallback  # noqa: E402
 
 N, D, C = 48, 6, 3
@@ -228,27 +228,7 @@ def _ddp_job(mode: str, out: Path) -> None:
 
 
 def _torchrun(mode: str, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "localhost:0",
-            __file__,
-            mode,
-            str(out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return torchrun(__file__, mode, str(out), cwd=out)
 
 
 @pytest.mark.ddp
