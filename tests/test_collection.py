@@ -305,6 +305,33 @@ def test_grouping_of_a_batch_is_shared_until_the_indices_change():
     assert c["misclassified"].compute().isfinite().all()
 
 
+def test_the_distinct_answer_is_shared_until_the_grouping_changes():
+    from sampleweights.scorers.base import distinct_on_cpu, last_occurrence
+
+    _, _, is_last = last_occurrence(torch.tensor([4, 1, 2]))
+    assert distinct_on_cpu(is_last)
+    is_last[0] = False  # changed in place (the version moves): asked again
+    assert not distinct_on_cpu(is_last)
+    _, _, repeated = last_occurrence(torch.tensor([2, 0, 2]))
+    assert not distinct_on_cpu(repeated) and distinct_on_cpu(torch.ones(3, dtype=torch.bool))
+    with torch.inference_mode():  # no version counter: asked every time, and no error
+        made = torch.ones(2, dtype=torch.bool)
+        assert distinct_on_cpu(made)
+        made[1] = False
+        assert not distinct_on_cpu(made)
+    # a repeated index after a distinct batch of the same length: the grouped (exact) path
+    c = sw.ScorerCollection(sw.ForgettingTracker(3), sw.DataMaps(3), sw.Misclassified(3))
+    alone = [sw.ForgettingTracker(3), sw.DataMaps(3), sw.Misclassified(3)]
+    gen = torch.Generator().manual_seed(0)
+    for idx in ([0, 1, 2], [1, 1, 0], [2, 0, 1], [2, 2, 2]):
+        logits, y = torch.randn(3, 4, generator=gen), torch.randint(0, 4, (3,), generator=gen)
+        c.update_indexed(torch.tensor(idx), logits, y)
+        for s in alone:
+            s.update_indexed(torch.tensor(idx), logits, y)
+    for s in alone:
+        torch.testing.assert_close(c[s.name].compute(), s.compute(), rtol=0, atol=0, equal_nan=True)
+
+
 # -- the opt-in compiled statistics (ScorerCollection(..., compile=True)) ------------------------
 
 

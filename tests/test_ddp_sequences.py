@@ -119,16 +119,22 @@ class _Count:
 
 def _collection_part(rank: int) -> dict:
     collection = sw.ScorerCollection(*_scorers())
+    alone = sw.Loss(N)  # the scorer's own compute(), outside a collection
     per_update = []
     for parts in _schedule():
         with _Count() as count:
             collection.update_indexed(*parts[rank])
         per_update.append(count.calls)
+        alone.update_indexed(*parts[rank])
     scores, maps, caught = _compute(collection)
+    with warnings.catch_warnings(record=True) as alone_caught:
+        warnings.simplefilter("always")
+        alone.compute()
     return {
         "scores": scores,
         "maps": maps,
         "warned": caught,
+        "alone_warned": [str(w.message) for w in alone_caught],
         "num_empty": {s.name: s.num_empty for s in collection},
         "num_updates": {s.name: s.num_updates for s in collection},
         "per_update": per_update,
@@ -272,18 +278,19 @@ def test_sequence_collection_under_ddp_equals_one_process(ranks):
     # the schedule does make forgetting events and mixed errors (the comparison is not vacuous)
     assert float(want["scores"]["forgetting"][:EMPTY].max()) >= 1
     assert 0 < float(want["scores"]["misclassified"][:EMPTY].sum()) < EMPTY
-    # num_empty is this process's count (not merged at compute): rank 1 presented the
-    # all-ignored sequence, rank 0 none; over the ranks, one process's count. compute() warns
-    # on the rank that counted it, only there
+    # num_empty is this process's count: rank 1 presented the all-ignored sequence, rank 0
+    # none. compute() sums the ranks' counts, so it warns on every rank with one process's count
     assert set(want["num_empty"].values()) == {1}
     assert set(got[0]["num_empty"].values()) == {0}
     assert got[1]["num_empty"] == want["num_empty"]
-    assert not any("without a valid token" in m for m in got[0]["warned"])
-    for who in (got[1], want):
+    for who in (got[0], got[1], want):
         empty = [m for m in who["warned"] if "without a valid token" in m]
         # one per scorer in compute(), one more for DataMaps.compute_all()
         assert len(empty) == len(_scorers()) + 1
         assert all(m.split(":")[1].strip().startswith("1 presentation") for m in empty)
+    for who in got:
+        (message,) = [m for m in who["alone_warned"] if "without a valid token" in m]
+        assert message.startswith("Loss: 1 presentation"), message
 
 
 def test_causal_lm_selection_covers_the_kept_set_once_per_epoch_over_two_ranks(ranks):

@@ -31,6 +31,7 @@ from sampleweights.distributed import (
     OP_UPDATE,
     all_gather_uneven,
     all_reduce_copy,
+    all_reduce_many,
     exchange_header,
     is_distributed,
     world,
@@ -231,7 +232,8 @@ class Scorer(abc.ABC):
     @property
     def num_empty(self) -> int:
         """Presentations of sequences without a valid token (every target ``ignore_index``),
-        which have no value and are not counted (this process's; synchronises)."""
+        which have no value and are not counted (this process's batches; ``compute()`` warns
+        with the sum over the ranks; synchronises)."""
         return int(self._empty)
 
     # -- updates -----------------------------------------------------------------------------------
@@ -311,7 +313,8 @@ class Scorer(abc.ABC):
         and counted in ``num_empty``.
         """
         source = values.device
-        indices = indices.to(source, torch.int64, non_blocking=True)
+        if indices.device != source or indices.dtype != torch.int64:  # a no-op .to() costs ~5 µs
+            indices = indices.to(source, torch.int64, non_blocking=True)
         skipped = None
         if finite is not None:
             skipped = (~finite).sum()
@@ -580,7 +583,7 @@ class Scorer(abc.ABC):
         """
         self._flush()
         state = {k: v[: self.num_examples] for k, v in self._state.items()}
-        skipped_t = self._skipped
+        skipped_t, empty_t = self._skipped, self._empty
         if not local and is_distributed(self.process_group):
             rows = exchange_header(
                 self.name,
@@ -595,7 +598,10 @@ class Scorer(abc.ABC):
             self._rank_updates = [row[4] for row in rows]
             self._rank_run_updates = [row[5] for row in rows]
             state = self._merge(state)
-            skipped_t = all_reduce_copy(self._skipped, "sum", self.process_group)
+            # every rank counts its own batches' skipped rows and empty sequences: the sums
+            skipped_t, empty_t = all_reduce_many(
+                [self._skipped, self._empty], "sum", self.process_group
+            )
         elif (
             not local
             and self._world is not None
@@ -610,12 +616,15 @@ class Scorer(abc.ABC):
                 "destroy_process_group() (and keep the merged scores with sw.save_scores), or "
                 "pass compute(local=True) for this rank's own partial scores."
             )
-        return self._finish(state, skipped_t, stacklevel=2)
+        return self._finish(state, skipped_t, empty_t, stacklevel=2)
 
-    def _finish(self, state: dict[str, Tensor], skipped: Tensor, stacklevel: int = 2) -> Tensor:
+    def _finish(
+        self, state: dict[str, Tensor], skipped: Tensor, empty: Tensor, stacklevel: int = 2
+    ) -> Tensor:
         """The scores from a merged state (``_compute``), warning about skipped presentations
-        (``skipped``: their merged count; ``stacklevel`` as seen from the caller). The end of
-        ``compute()``, shared with :class:`~sampleweights.ScorerCollection`'s fused merge."""
+        and empty sequences (``skipped``, ``empty``: their merged counts; ``stacklevel`` as seen
+        from the caller). The end of ``compute()``, shared with
+        :class:`~sampleweights.ScorerCollection`'s fused merge."""
         scores = self._compute(state)
         if self.nonfinite == "skip":
             count = int(skipped)
@@ -626,12 +635,12 @@ class Scorer(abc.ABC):
                     RuntimeWarning,
                     stacklevel=stacklevel + 1,
                 )
-        empty = int(self._empty)
-        if empty:
+        empty_count = int(empty)
+        if empty_count:
             warnings.warn(
-                f"{type(self).__name__}: {empty} presentation(s) of sequences without a valid "
-                f"token (every target == ignore_index={self.ignore_index}) had no value and were "
-                "not counted.",
+                f"{type(self).__name__}: {empty_count} presentation(s) of sequences without a "
+                f"valid token (every target == ignore_index={self.ignore_index}) had no value and "
+                "were not counted.",
                 RuntimeWarning,
                 stacklevel=stacklevel + 1,
             )
@@ -967,9 +976,29 @@ def last_occurrence(indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return result
 
 
+def distinct_on_cpu(is_last: Tensor) -> bool:
+    """True when ``is_last`` (from :func:`last_occurrence`) is on the CPU and all true: every index
+    of the batch appears once, so the scorers may take their simpler, bit-identical scatter. False
+    on other devices, where the answer would cost a host sync. The scorers of one collection
+    update share the answer (one reduction for all of them)."""
+    global _distinct_cache
+    if is_last.device.type != "cpu":
+        return False
+    if is_last.is_inference():  # no version to tell an in-place change: not cached
+        return bool(is_last.all())
+    cached = _distinct_cache
+    if cached is not None and cached[0] is is_last and cached[1] == is_last._version:
+        return cached[2]
+    distinct = bool(is_last.all())
+    _distinct_cache = (is_last, is_last._version, distinct)
+    return distinct
+
+
 # the latest (indices, version, result) of last_occurrence: the scorers of one update share the
 # grouping of one index tensor (an in-place change of the tensor bumps its version)
 _last_occurrence_cache: tuple[Tensor, int, tuple[Tensor, Tensor, Tensor]] | None = None
+# the latest (is_last, version, all distinct) of distinct_on_cpu
+_distinct_cache: tuple[Tensor, int, bool] | None = None
 
 
 def _saved_counter(state_dict: dict[str, Any], key: str) -> int:

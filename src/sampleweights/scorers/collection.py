@@ -326,6 +326,7 @@ class ScorerCollection:
         fused[("sum", torch.int64)] = [(-1, None, counts)]
         for k, s in enumerate(members):
             fused[("sum", torch.int64)].append((k, None, s._skipped.to(torch.int64).view(1)))
+            fused[("sum", torch.int64)].append((k, "", s._empty.to(torch.int64).view(1)))
             if type(s)._merge is not Scorer._merge:
                 continue  # merges its own way, below
             for name, spec in s._specs.items():
@@ -334,6 +335,7 @@ class ScorerCollection:
                     fused.setdefault((spec.reduce, spec.dtype), []).append(entry)
         merged = [dict(state) for state in states]
         skipped: list[Tensor] = [torch.zeros(())] * len(members)
+        empty: list[Tensor] = [torch.zeros(())] * len(members)
         for (op, _), entries in fused.items():
             results = all_reduce_many([t for _, _, t in entries], op, group)
             for (k, key, _), result in zip(entries, results, strict=True):
@@ -341,6 +343,8 @@ class ScorerCollection:
                     counts = result
                 elif key is None:
                     skipped[k] = result.view(())
+                elif key == "":
+                    empty[k] = result.view(())
                 else:
                     merged[k][key] = result
         every = counts.tolist()  # (rank, scorer, [updates, runs, run updates])
@@ -354,7 +358,7 @@ class ScorerCollection:
         for k, s in enumerate(members):
             if type(s)._merge is not Scorer._merge:
                 merged[k] = s._merge(states[k])
-            out[s.name] = s._finish(merged[k], skipped[k], stacklevel=3)
+            out[s.name] = s._finish(merged[k], skipped[k], empty[k], stacklevel=3)
         return out
 
     def reset(self) -> None:

@@ -21,7 +21,13 @@ import torch
 from torch import Tensor
 
 from sampleweights.distributed import all_reduce_copy
-from sampleweights.scorers.base import Scorer, last_occurrence, reduce_tokens, token_correct
+from sampleweights.scorers.base import (
+    Scorer,
+    distinct_on_cpu,
+    last_occurrence,
+    reduce_tokens,
+    token_correct,
+)
 from sampleweights.scorers.rowstats import RowStats
 
 __all__ = ["DataMaps"]
@@ -93,7 +99,7 @@ class DataMaps(Scorer):
         # group the batch by example (batch order kept), then per group its count, mean and M₂
         sorted_idx, order, is_last = last_occurrence(indices)
         mean, m2 = self._state["mean"], self._state["m2"]
-        if is_last.device.type == "cpu" and bool(is_last.all()):
+        if distinct_on_cpu(is_last):
             # every index once (no device to wait for on CPU): each group is one row, n_b = 1,
             # mean_b = p, M₂_b = 0, so the merge below reduces to these same operations, bit for
             # bit (m2_a + 0 = m2_a, n_a·1 = n_a), in batch order, with half the ops

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from sampleweights.scorers.base import Scorer, last_occurrence
+from sampleweights.scorers.base import Scorer, distinct_on_cpu, last_occurrence
 from sampleweights.scorers.rowstats import RowStats
 
 __all__ = ["AcrossRuns", "ForgettingTracker"]
@@ -118,7 +118,7 @@ class ForgettingTracker(Scorer):
 
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         sorted_idx, order, is_last = last_occurrence(indices)
-        if is_last.device.type == "cpu" and bool(is_last.all()):
+        if distinct_on_cpu(is_last):
             # every index once (no device to wait for on CPU): each row's previous presentation
             # is the stored one and each row is its index's last, so no sorted order is needed
             # (the same integer and boolean results, with a third fewer ops)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from sampleweights.distributed import all_reduce_copy, world
-from sampleweights.scorers.base import Scorer, last_occurrence, token_correct
+from sampleweights.scorers.base import Scorer, distinct_on_cpu, last_occurrence, token_correct
 from sampleweights.scorers.rowstats import RowStats
 
 __all__ = ["Misclassified"]
@@ -79,7 +79,7 @@ class Misclassified(Scorer):
 
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         sorted_idx, order, is_last = last_occurrence(indices)
-        if is_last.device.type == "cpu" and bool(is_last.all()):
+        if distinct_on_cpu(is_last):
             # every index once (no device to wait for on CPU): every row is its index's latest
             self._state["wrong"].index_copy_(0, indices, values)
             self._state["step"].index_fill_(0, indices, step)
