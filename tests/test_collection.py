@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -285,36 +286,43 @@ def test_exchange_rows_keep_every_bit():
             assert torch.equal(back, v)
 
 
-def test_grouping_of_a_batch_is_shared_until_the_indices_change():
-    from sampleweights.scorers.base import last_occurrence
+def test_grouping_of_a_batch_is_shared_within_one_update_only():
+    from sampleweights.scorers.base import last_occurrence, one_batch
 
     idx = torch.tensor([3, 1, 3, 2])
-    first = last_occurrence(idx)
-    assert last_occurrence(idx) is first  # several scorers of one update: grouped once
-    idx[0] = 0  # changed in place: grouped again
-    sorted_idx, _, is_last = last_occurrence(idx)
-    assert sorted_idx.tolist() == [0, 1, 2, 3] and is_last.all()
-    assert last_occurrence(idx.clone()) is not last_occurrence(idx)
-    with torch.inference_mode():  # no version counter: grouped every time, and no error
+    assert last_occurrence(idx) is not last_occurrence(idx)  # outside an update: never kept
+    with one_batch():
+        first = last_occurrence(idx)
+        assert last_occurrence(idx) is first  # several scorers of one update: grouped once
+        idx[0] = 0  # changed in place: grouped again
+        sorted_idx, _, is_last = last_occurrence(idx)
+        assert sorted_idx.tolist() == [0, 1, 2, 3] and is_last.all()
+        assert last_occurrence(idx.clone()) is not last_occurrence(idx)
+        with one_batch():  # nested: the outer scope's answers
+            assert last_occurrence(idx)[0] is sorted_idx
+    assert last_occurrence(idx)[0] is not sorted_idx  # the scope is over: forgotten
+    with torch.inference_mode(), one_batch():  # no version counter: grouped every time
         made = torch.tensor([2, 2, 0])
         assert last_occurrence(made) is not last_occurrence(made)
         made[0] = 1
         assert last_occurrence(made)[0].tolist() == [0, 1, 2]
+    with torch.inference_mode():
         c = sw.ScorerCollection(sw.ForgettingTracker(3), sw.Misclassified(3), sw.EL2N(3))
         c.update_indexed(made, torch.randn(3, 4), torch.tensor([0, 1, 2]))
     assert c["misclassified"].compute().isfinite().all()
 
 
-def test_the_distinct_answer_is_shared_until_the_grouping_changes():
-    from sampleweights.scorers.base import distinct_on_cpu, last_occurrence
+def test_the_distinct_answer_is_shared_within_one_update_only():
+    from sampleweights.scorers.base import distinct_on_cpu, last_occurrence, one_batch
 
-    _, _, is_last = last_occurrence(torch.tensor([4, 1, 2]))
-    assert distinct_on_cpu(is_last)
-    is_last[0] = False  # changed in place (the version moves): asked again
-    assert not distinct_on_cpu(is_last)
-    _, _, repeated = last_occurrence(torch.tensor([2, 0, 2]))
-    assert not distinct_on_cpu(repeated) and distinct_on_cpu(torch.ones(3, dtype=torch.bool))
-    with torch.inference_mode():  # no version counter: asked every time, and no error
+    with one_batch():
+        _, _, is_last = last_occurrence(torch.tensor([4, 1, 2]))
+        assert distinct_on_cpu(is_last)
+        is_last[0] = False  # changed in place (the version moves): asked again
+        assert not distinct_on_cpu(is_last)
+        _, _, repeated = last_occurrence(torch.tensor([2, 0, 2]))
+        assert not distinct_on_cpu(repeated) and distinct_on_cpu(torch.ones(3, dtype=torch.bool))
+    with torch.inference_mode(), one_batch():  # no version counter: asked every time
         made = torch.ones(2, dtype=torch.bool)
         assert distinct_on_cpu(made)
         made[1] = False
@@ -330,6 +338,39 @@ def test_the_distinct_answer_is_shared_until_the_grouping_changes():
             s.update_indexed(torch.tensor(idx), logits, y)
     for s in alone:
         torch.testing.assert_close(c[s.name].compute(), s.compute(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("in_collection", [False, True])
+def test_an_index_buffer_refilled_through_numpy_is_grouped_afresh(in_collection):
+    """Before: the grouping of a batch's indices was kept across updates, keyed on the tensor
+    and its version; a loop that refills one index tensor through ``.numpy()`` (no version bump)
+    got the previous batch's grouping: a forgetting event lost, a data-map mean wrong."""
+    buf = np.array([0, 1, 2], dtype=np.int64)
+    idx = torch.from_numpy(buf)
+    y = torch.zeros(3, dtype=torch.int64)
+    right, wrong = (
+        torch.tensor([[5.0, 0.0]] * 3),
+        torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]]),
+    )
+    kinds = (sw.ForgettingTracker, sw.DataMaps, sw.Misclassified)
+    got = [k(4) for k in kinds]
+    want = [k(4) for k in kinds]
+    updates = (
+        [sw.ScorerCollection(*got).update_indexed]
+        if in_collection
+        else [s.update_indexed for s in got]
+    )
+    batches = (([0, 1, 2], right), ([3, 3, 1], wrong))
+    for batch, logits in batches:
+        buf[:] = batch  # the same tensor object, refilled in place
+        for update in updates:
+            update(idx, logits, y)
+    for batch, logits in batches:  # after: nothing in between the refills above
+        for s in want:
+            s.update_indexed(torch.tensor(batch), logits, y)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.compute(), w.compute(), rtol=0, atol=0, equal_nan=True)
+    assert float(want[0].compute()[3]) == 1.0  # example 3: right, then wrong in one batch
 
 
 # -- the opt-in compiled statistics (ScorerCollection(..., compile=True)) ------------------------

@@ -17,8 +17,10 @@ plain, branch-free, sync-free scatter. ``state_dict`` and ``compute`` never show
 from __future__ import annotations
 
 import abc
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -960,45 +962,67 @@ def last_occurrence(indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     Returns ``(sorted_indices, order, is_last)``: ``sorted_indices = indices[order]`` sorted stably,
     and ``is_last[k]`` true where row ``order[k]`` is the last presentation of its index in the
-    batch. All on device, no host sync.
+    batch. All on device, no host sync. Inside :func:`one_batch` the answer for one index tensor
+    is computed once (an in-place change of the tensor bumps its version and is seen).
     """
-    global _last_occurrence_cache
+    cache = _batch_cache()
     # inference tensors track no version, so an in-place change would go unseen: not cached
-    tracked = not indices.is_inference()
-    cached = _last_occurrence_cache
-    if tracked and cached is not None and cached[0] is indices and cached[1] == indices._version:
-        return cached[2]  # the same batch again (several scorers of one collection update)
+    tracked = cache is not None and not indices.is_inference()
+    if tracked and cache is not None:
+        hit = cache.get(("last", id(indices)))
+        if hit is not None and hit[0] is indices and hit[1] == indices._version:
+            grouped: tuple[Tensor, Tensor, Tensor] = hit[2]
+            return grouped  # the same batch again (several scorers of one collection update)
     sorted_indices, order = torch.sort(indices, stable=True)
     is_last = torch.ones_like(sorted_indices, dtype=torch.bool)
     is_last[:-1] = sorted_indices[1:] != sorted_indices[:-1]
     result = (sorted_indices, order, is_last)
-    _last_occurrence_cache = (indices, indices._version, result) if tracked else None
+    if tracked and cache is not None:
+        cache[("last", id(indices))] = (indices, indices._version, result)
     return result
 
 
 def distinct_on_cpu(is_last: Tensor) -> bool:
     """True when ``is_last`` (from :func:`last_occurrence`) is on the CPU and all true: every index
     of the batch appears once, so the scorers may take their simpler, bit-identical scatter. False
-    on other devices, where the answer would cost a host sync. The scorers of one collection
-    update share the answer (one reduction for all of them)."""
-    global _distinct_cache
+    on other devices, where the answer would cost a host sync. Inside :func:`one_batch` the
+    scorers of one collection update share the answer (one reduction for all of them)."""
     if is_last.device.type != "cpu":
         return False
-    if is_last.is_inference():  # no version to tell an in-place change: not cached
+    cache = _batch_cache()
+    if cache is None or is_last.is_inference():  # no version to tell an in-place change
         return bool(is_last.all())
-    cached = _distinct_cache
-    if cached is not None and cached[0] is is_last and cached[1] == is_last._version:
-        return cached[2]
+    hit = cache.get(("distinct", id(is_last)))
+    if hit is not None and hit[0] is is_last and hit[1] == is_last._version:
+        return bool(hit[2])
     distinct = bool(is_last.all())
-    _distinct_cache = (is_last, is_last._version, distinct)
+    cache[("distinct", id(is_last))] = (is_last, is_last._version, distinct)
     return distinct
 
 
-# the latest (indices, version, result) of last_occurrence: the scorers of one update share the
-# grouping of one index tensor (an in-place change of the tensor bumps its version)
-_last_occurrence_cache: tuple[Tensor, int, tuple[Tensor, Tensor, Tensor]] | None = None
-# the latest (is_last, version, all distinct) of distinct_on_cpu
-_distinct_cache: tuple[Tensor, int, bool] | None = None
+@contextmanager
+def one_batch() -> Iterator[None]:
+    """The scope of one batch's update by several scorers (a collection's): inside it,
+    :func:`last_occurrence` and :func:`distinct_on_cpu` answer once per tensor. Nothing is
+    remembered across updates: a caller may refill the same index tensor for the next batch in a
+    way no version counter sees (through ``.numpy()``), and a stale grouping would be a silently
+    wrong score. Per thread; nested scopes share the outermost one's answers."""
+    if getattr(_SCOPE, "cache", None) is not None:
+        yield
+        return
+    _SCOPE.cache = {}
+    try:
+        yield
+    finally:
+        _SCOPE.cache = None
+
+
+def _batch_cache() -> dict[tuple[str, int], Any] | None:
+    return getattr(_SCOPE, "cache", None)
+
+
+# this thread's answers within one_batch() (None outside): key → (tensor, its version, answer)
+_SCOPE = threading.local()
 
 
 def _saved_counter(state_dict: dict[str, Any], key: str) -> int:

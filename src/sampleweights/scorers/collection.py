@@ -30,7 +30,7 @@ from sampleweights.distributed import (
     world,
 )
 from sampleweights.errors import StateMismatchError
-from sampleweights.scorers.base import Scorer, TokenBatch
+from sampleweights.scorers.base import Scorer, TokenBatch, one_batch
 from sampleweights.scorers.rowstats import RowStats, _fused, _fused_any_shape, _FusedRowStats
 from sampleweights.scorers.stats import Entropy
 from sampleweights.validation import finite_rows
@@ -160,6 +160,10 @@ class ScorerCollection:
         scorer reducing them per example its own way; the scorers must share one
         ``ignore_index``.
         """
+        with one_batch():  # the scorers share the grouping of this batch's indices, only
+            self._update_indexed(indices, logits, targets)
+
+    def _update_indexed(self, indices: Any, logits: Tensor, targets: Any) -> None:
         scorers = list(self._scorers.values())
         sequence = isinstance(logits, Tensor) and logits.dim() == 3
         ignore = sorted({s.ignore_index for s in scorers})
