@@ -21,7 +21,11 @@ pytest.importorskip("accelerate")
 
 import sampleweights as sw  # noqa: E402
 from ddp import torchrun  # noqa: E402
-from sampleweights.integrations.hf import STATE_FILE, ScoringTrainer  # noqa: E402
+from sampleweights.integrations.hf import (  # noqa: E402
+    STATE_FILE,
+    ScoringTrainer,
+    ScoringTrainerMixin,
+)
 
 N, T, V, C = 48, 6, 30, 2
 
@@ -113,6 +117,60 @@ def test_every_example_is_scored_with_remove_unused_columns_on(tmp_path):
     trainer.train()
     assert trainer.scorer.num_updates == N // 8
     torch.testing.assert_close(trainer.scorer.compute(), el2n_of(trainer.model, ds))
+
+
+class AuxLossTrainer(transformers.Trainer):
+    """A user's own Trainer subclass (as trl's SFTTrainer is): its compute_loss adds a penalty on
+    the logits and counts its calls."""
+
+    calls = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        AuxLossTrainer.calls += 1
+        assert "index" not in inputs  # the mixin pops it before the user's code sees it
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        loss = loss + 0.5 * outputs.logits.square().mean()
+        return (loss, outputs) if return_outputs else loss
+
+
+class ScoringAuxLossTrainer(ScoringTrainerMixin, AuxLossTrainer):
+    pass
+
+
+def test_the_mixin_scores_through_a_users_own_trainer_subclass(tmp_path):
+    """Before: only ScoringTrainer itself; a user with a Trainer subclass of their own could not
+    have both. The mixin scores every example, keeps the index, and the user's loss (with its
+    penalty) is the one trained on: the same weights as the user's trainer alone."""
+    ds = dataset()
+    AuxLossTrainer.calls = 0
+    mixed = ScoringAuxLossTrainer(
+        model(), args(tmp_path / "a"), train_dataset=ds, scorer=sw.EL2N(N)
+    )
+    assert mixed.args.remove_unused_columns
+    mixed.train()
+    assert AuxLossTrainer.calls == N // 8 and mixed.scorer.num_updates == N // 8
+    assert not mixed.scorer.compute().isnan().any()
+    plain = AuxLossTrainer(model(), args(tmp_path / "b"), train_dataset=dataset(index=False))
+    plain.train()
+    for p, q in zip(mixed.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    # the penalty mattered: without it the weights differ
+    stock = transformers.Trainer(model(), args(tmp_path / "c"), train_dataset=dataset(index=False))
+    stock.train()
+    assert any(
+        not torch.allclose(p, q)
+        for p, q in zip(stock.model.parameters(), plain.model.parameters(), strict=True)
+    )
+
+
+def test_the_mixin_without_a_trainer_is_refused():
+    class Lonely(ScoringTrainerMixin):
+        pass
+
+    with pytest.raises(TypeError, match=r"ScoringTrainerMixin without transformers\.Trainer"):
+        Lonely(scorer=sw.EL2N(N))
 
 
 def test_a_batch_without_index_is_an_error_not_silence(tmp_path):

@@ -1,7 +1,8 @@
 """Hugging Face ``Trainer``: scores and loss weights in ``compute_loss``, samplers kept whole.
 
 ``pip install "sampleweights[hf]"``. One ``Trainer`` subclass, :class:`ScoringTrainer`, removes
-three frictions of using sampleweights with a stock ``transformers.Trainer``:
+three frictions of using sampleweights with a stock ``transformers.Trainer`` (for a ``Trainer``
+subclass of your own, :class:`ScoringTrainerMixin` adds the same to it):
 
 * **The index survives ``remove_unused_columns``.** With its default
   ``remove_unused_columns=True``, ``Trainer`` drops every batch key that the model's ``forward``
@@ -39,7 +40,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,13 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         'pip install "sampleweights[hf]".'
     ) from err
 
-__all__ = ["STATE_FILE", "ScoringTrainer"]
+# the mixin's methods extend Trainer's: type-check them as a Trainer subclass, build it on object
+if TYPE_CHECKING:
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+__all__ = ["STATE_FILE", "ScoringTrainer", "ScoringTrainerMixin"]
 
 #: the per-rank state file in a checkpoint folder (``{rank}`` is the process index)
 STATE_FILE = "sampleweights_rank{rank}.pt"
@@ -82,7 +89,7 @@ class _SamplerEpochAndState(TrainerCallback):
     """ScoringTrainer's own callback: the sampler's epoch at each epoch start, the per-rank state
     file at each save."""
 
-    def __init__(self, trainer: ScoringTrainer) -> None:
+    def __init__(self, trainer: ScoringTrainerMixin) -> None:
         self.trainer = trainer
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -102,49 +109,25 @@ class _SamplerEpochAndState(TrainerCallback):
         self.trainer.save_scoring_state(folder)
 
 
-class ScoringTrainer(Trainer):
-    """A ``transformers.Trainer`` that scores examples, weights their loss and keeps our samplers.
-
-    Use it as ``Trainer`` (same positional and keyword arguments) with a training set over
-    :class:`~sampleweights.WithIndex` whose samples are dicts (``{"input_ids": …, "labels": …,
-    "index": i}``), plus the keyword-only arguments below. The model's output must carry
-    ``logits`` (``(B, C)`` for the default ``loss_fn``).
-
-    Args:
-        scorer: a logit scorer or a :class:`~sampleweights.ScorerCollection`, updated in every
-            training ``compute_loss`` with ``update_indexed(index, logits, labels)``; None for
-            none. Per rank under several processes; ``compute()`` merges (a collective).
-        reweighter: a :class:`~sampleweights.LossReweighter`; the training loss becomes
-            ``reweighter(loss_fn(logits, labels), index)``. None: the model's own loss.
-        loss_fn: ``loss_fn(logits, labels) -> (B,)`` per-example losses for ``reweighter``
-            (default: float32 cross-entropy of ``(B, C)`` logits).
-        train_sampler: the training loader's sampler (``sw.PrunedSampler(keep)``,
-            ``sw.JTTSampler(...)``…); None: ``Trainer``'s own.
-        index_key: the batch key of the dataset indices (``WithIndex``'s default ``"index"``).
-        label_key: the batch key of the targets (``"labels"``, as HF models name it).
+class ScoringTrainerMixin(_TrainerBase):
+    """What :class:`ScoringTrainer` adds to ``transformers.Trainer``, for a ``Trainer`` subclass
+    of your own (trl's ``SFTTrainer``, a custom ``compute_loss``): put it first among the bases,
+    ``class MyScoringTrainer(ScoringTrainerMixin, MyTrainer)``, and build it with
+    :class:`ScoringTrainer`'s keyword arguments. Its ``compute_loss`` calls your class's
+    ``compute_loss`` (``super()``) with the index key removed and reads the logits from the
+    outputs, so your loss is the training loss (unless ``reweighter`` replaces it).
 
     Raises:
-        TypeError: ``scorer`` is not a logit scorer, ``reweighter`` not a ``LossReweighter``,
-            ``loss_fn`` not callable, or a key not a str.
-        ValueError: ``loss_fn`` without ``reweighter``; ``reweighter`` together with
-            ``compute_loss_func`` or label smoothing (pass a ``loss_fn`` that smooths).
+        TypeError: the class does not derive from ``transformers.Trainer`` too.
 
     Example:
-        >>> import tempfile, torch, sampleweights as sw
-        >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
-        >>> from sampleweights.integrations.hf import ScoringTrainer
-        >>> cfg = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
-        ...                  num_attention_heads=2, intermediate_size=8, num_labels=2)
-        >>> ds = sw.WithIndex([{"input_ids": torch.arange(4), "labels": i % 2} for i in range(6)])
-        >>> args = TrainingArguments(tempfile.mkdtemp(), use_cpu=True, report_to=[],
-        ...                          num_train_epochs=1, per_device_train_batch_size=3,
-        ...                          save_strategy="no")
-        >>> trainer = ScoringTrainer(BertForSequenceClassification(cfg), args, train_dataset=ds,
-        ...                          scorer=sw.EL2N(len(ds)))
-        >>> _ = trainer.train()  # doctest: +ELLIPSIS
-        {'train_runtime': ...}
-        >>> bool(trainer.scorer.compute().isnan().any())   # every example scored
-        False
+        >>> from transformers import Trainer
+        >>> from sampleweights.integrations.hf import ScoringTrainerMixin
+        >>> class AuxLossTrainer(Trainer):      # your own Trainer subclass
+        ...     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        ...         return super().compute_loss(model, inputs, return_outputs, **kwargs)
+        >>> class ScoringAuxLossTrainer(ScoringTrainerMixin, AuxLossTrainer):
+        ...     pass                            # takes scorer=, reweighter=, train_sampler=, ...
     """
 
     def __init__(
@@ -182,6 +165,12 @@ class ScoringTrainer(Trainer):
                     f"Expected `{name}` to be a str (a key of the batch dict), but got "
                     f"{type(key).__name__}."
                 )
+        if not isinstance(self, Trainer):
+            raise TypeError(
+                f"{type(self).__name__} uses ScoringTrainerMixin without transformers.Trainer "
+                "among its bases: class MyScoringTrainer(ScoringTrainerMixin, MyTrainer), where "
+                "MyTrainer derives from transformers.Trainer."
+            )
         super().__init__(*args, **kwargs)
         if reweighter is not None:
             if self.compute_loss_func is not None:
@@ -356,6 +345,52 @@ class ScoringTrainer(Trainer):
         ):
             self.load_scoring_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+class ScoringTrainer(ScoringTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that scores examples, weights their loss and keeps our samplers.
+
+    Use it as ``Trainer`` (same positional and keyword arguments) with a training set over
+    :class:`~sampleweights.WithIndex` whose samples are dicts (``{"input_ids": …, "labels": …,
+    "index": i}``), plus the keyword-only arguments below. The model's output must carry
+    ``logits`` (``(B, C)`` for the default ``loss_fn``).
+
+    Args:
+        scorer: a logit scorer or a :class:`~sampleweights.ScorerCollection`, updated in every
+            training ``compute_loss`` with ``update_indexed(index, logits, labels)``; None for
+            none. Per rank under several processes; ``compute()`` merges (a collective).
+        reweighter: a :class:`~sampleweights.LossReweighter`; the training loss becomes
+            ``reweighter(loss_fn(logits, labels), index)``. None: the model's own loss.
+        loss_fn: ``loss_fn(logits, labels) -> (B,)`` per-example losses for ``reweighter``
+            (default: float32 cross-entropy of ``(B, C)`` logits).
+        train_sampler: the training loader's sampler (``sw.PrunedSampler(keep)``,
+            ``sw.JTTSampler(...)``…); None: ``Trainer``'s own.
+        index_key: the batch key of the dataset indices (``WithIndex``'s default ``"index"``).
+        label_key: the batch key of the targets (``"labels"``, as HF models name it).
+
+    Raises:
+        TypeError: ``scorer`` is not a logit scorer, ``reweighter`` not a ``LossReweighter``,
+            ``loss_fn`` not callable, or a key not a str.
+        ValueError: ``loss_fn`` without ``reweighter``; ``reweighter`` together with
+            ``compute_loss_func`` or label smoothing (pass a ``loss_fn`` that smooths).
+
+    Example:
+        >>> import tempfile, torch, sampleweights as sw
+        >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+        >>> from sampleweights.integrations.hf import ScoringTrainer
+        >>> cfg = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
+        ...                  num_attention_heads=2, intermediate_size=8, num_labels=2)
+        >>> ds = sw.WithIndex([{"input_ids": torch.arange(4), "labels": i % 2} for i in range(6)])
+        >>> args = TrainingArguments(tempfile.mkdtemp(), use_cpu=True, report_to=[],
+        ...                          num_train_epochs=1, per_device_train_batch_size=3,
+        ...                          save_strategy="no")
+        >>> trainer = ScoringTrainer(BertForSequenceClassification(cfg), args, train_dataset=ds,
+        ...                          scorer=sw.EL2N(len(ds)))
+        >>> _ = trainer.train()  # doctest: +ELLIPSIS
+        {'train_runtime': ...}
+        >>> bool(trainer.scorer.compute().isnan().any())   # every example scored
+        False
+    """
 
 
 def _undo_accelerate_split(loader: Any, sampler: Any) -> None:
