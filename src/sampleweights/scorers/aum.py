@@ -28,7 +28,10 @@ class AUM(RunningMeanScorer):
     Call ``update(batch, logits)`` in the training loop (every epoch, as Pleiss et al.).
     ``compute()`` is float32 ``(num_examples,)``: the mean margin in logit units, NaN if never
     seen. Low (negative) = likely mislabelled; note the direction: :func:`~sampleweights.select`
-    treats higher as harder, so pass ``-scores`` to remove the lowest AUM.
+    treats higher as harder, so pass ``-scores`` to remove the lowest AUM. Each presentation's
+    margin is a float32 difference (the mean accumulates in float64): it carries float32's
+    rounding (``1e8 − 1`` is ``1e8``), and a margin beyond float32's range (logits ≳ 1.7e38
+    apart) is ``±inf``, so an example with both an ``inf`` and a ``−inf`` margin averages to NaN.
 
     Thresholding (the paper's recipe): the AUM of a mislabelled example depends on the model and
     the data, so Pleiss et al. calibrate the cut-off with *threshold examples*: assign

@@ -411,6 +411,10 @@ class Scorer(abc.ABC):
                 f"num_classes) for sequences, but got shape {tuple(logits.shape)}."
             )
         batch = logits.shape[0]
+        if logits.shape[1] == 0:
+            raise ValueError(
+                f"Expected `logits` with at least one class, but got shape {tuple(logits.shape)}."
+            )
         if indices.shape[0] != batch or targets.shape[0] != batch:
             raise ValueError(
                 f"Expected one index, one logits row and one target per example, but got "
@@ -445,6 +449,10 @@ class Scorer(abc.ABC):
             )
         self._check_float_logits(logits)
         batch, length, classes = logits.shape
+        if classes == 0:
+            raise ValueError(
+                f"Expected `logits` with at least one class, but got shape {tuple(logits.shape)}."
+            )
         if targets.shape != (batch, length) or indices.shape[0] != batch:
             raise ValueError(
                 f"Expected sequence `logits` (B, T, C) with `targets` (B, T) and `indices` (B,), "
@@ -546,7 +554,9 @@ class Scorer(abc.ABC):
         :class:`~sampleweights.ScorerCollection` computes once for all its scorers).
         ``update_indexed`` calls it too, with the batch's own ``RowStats``, so a scorer alone and
         in a collection compute the same bits. Default: ``_values(logits, targets)``; logit
-        scorers override it to read the shared statistics."""
+        scorers override it to read the shared statistics. The statistics (and the logits) are
+        shared with the collection's other scorers: return new tensors, never change them in
+        place (``stats.loss.clamp(max=1)``, not ``clamp_``)."""
         return self._values(stats.logits, stats.targets)
 
     @abc.abstractmethod
@@ -921,6 +931,21 @@ class RunningMeanScorer(Scorer):
             self.add_state("ema_sum", torch.float64, 0.0, reduce=None)
             self.add_state("ema_weight", torch.float64, 0.0, reduce=None)
 
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`Scorer.state_dict` plus ``"ema"``, the decay (None for the plain mean)."""
+        return {**super().state_dict(), "ema": self.ema}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`Scorer.load_state_dict`, refusing a state of another ``ema`` decay too (its
+        weighted sums would mix two decays, matching neither)."""
+        saved = state_dict.get("ema") if isinstance(state_dict, dict) else None
+        if saved != self.ema:
+            raise StateMismatchError(
+                f"This state was saved by {type(self).__name__}(ema={saved!r}); this scorer has "
+                f"ema={self.ema!r}. Build it with the saved run's ema to resume."
+            )
+        super().load_state_dict(state_dict)
+
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         if self.ema is None:
             self._state["sum"].index_add_(0, indices, values.to(torch.float64))
@@ -1197,6 +1222,8 @@ def token_correct(correct: Tensor, valid: Tensor, min_accuracy: float) -> Tensor
         >>> token_correct(hit, torch.ones(2, 3, dtype=torch.bool), 0.5)
         tensor([ True, False])
     """
-    hits = (correct & valid).sum(dim=1, dtype=torch.float32)
-    count = valid.sum(dim=1, dtype=torch.float32)
-    return (hits >= min_accuracy * count) & (count > 0)
+    # the fraction in float64, as Python's hits / count >= min_accuracy: in float32,
+    # 0.3 · 50 = 15.000001 would reject 15 right tokens of 50
+    hits = (correct & valid).sum(dim=1, dtype=torch.float64)
+    count = valid.sum(dim=1, dtype=torch.float64)
+    return (hits / count.clamp_min(1.0) >= min_accuracy) & (count > 0)

@@ -188,7 +188,14 @@ class ScorerCollection:
         values: list[Tensor | None] = [None] * len(scorers)
         # the entropy consumes the shared buffer: read it after everything else
         for k in sorted(range(len(scorers)), key=lambda k: isinstance(scorers[k], Entropy)):
-            values[k] = scorers[k]._values_from(stats)
+            value = scorers[k]._values_from(stats)
+            if not isinstance(value, Tensor) or value.dim() == 0 or len(value) != len(logits_t):
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise TypeError(
+                    f"{type(scorers[k]).__name__}._values_from(stats) must return a tensor with "
+                    f"one row per example ({len(logits_t)}, ...), but returned {got}."
+                )
+            values[k] = value
         ready = [v for v in values if v is not None]
         exchanged = self._exchange(index_t, ready, finite)
         for s, v in zip(scorers, ready, strict=True):

@@ -346,11 +346,11 @@ def _fused(logits: Tensor, targets: Tensor, entropy: bool) -> tuple[Tensor, ...]
     top = logits.amax(dim=1, keepdim=True)
     t_y = _minus(logits.gather(1, y), top)
     t_other = _minus(logits.masked_fill(is_y, -torch.inf).amax(dim=1, keepdim=True), top)
-    # correct = (argmax == y) without an arg-max (a slow reduction in the compiled kernel): the
-    # target is the unique maximum, or it ties for it (then x_y is the maximum) and no maximum
-    # comes before it
+    # correct = (argmax == y) without an arg-max (a slow reduction in the compiled kernel): x_y is
+    # a maximum and no maximum comes before it. Compared in the logits' own dtype: float64 logits
+    # closer than float32 can tell (0 and 1e-300) would tie after the float32 difference
     earlier_top = ((logits == top) & (column < y)).any(dim=1, keepdim=True)
-    correct = ((t_y > t_other) | ((t_y == t_other) & ~earlier_top)).view(-1)
+    correct = ((logits.gather(1, y) == top) & ~earlier_top).view(-1)
     q = _minus(logits, top).exp().masked_fill(is_y, 0.0)  # exp(t) with the target entry 0
     e_y = t_y.exp()
     wrong = q.sum(dim=1, keepdim=True)  # W

@@ -17,7 +17,9 @@ per-presentation value computed in fp32 without cancellation (see
   "Dataset Cartography", EMNLP 2020).
 
 Every class keeps 12 bytes of state per example (16 with ``ema=``); see
-:class:`~sampleweights.scorers.base.RunningMeanScorer`.
+:class:`~sampleweights.scorers.base.RunningMeanScorer`. Each presentation's value is float32
+(the mean accumulates in float64), so its precision is float32's: a loss of logits so far apart
+that ``x_y − max x`` overflows float32 (≳ 3.4e38) is ``inf``.
 """
 
 from __future__ import annotations
