@@ -12,8 +12,9 @@ import sampleweights as sw
 LOGIT_SCORERS = [sw.EL2N, sw.ForgettingTracker, sw.Misclassified]
 
 
-def all_logit_scorers(n: int, **kw) -> list[sw.Scorer]:
-    """One of every logit scorer (the confidence one with ``ema``), sharing ``kw``."""
+def all_logit_scorers(n: int, confidence_ema: float | None = 0.8, **kw) -> list[sw.Scorer]:
+    """One of every logit scorer (the confidence one with ``ema=confidence_ema``), sharing
+    ``kw``."""
     return [
         sw.EL2N(n, **kw),
         sw.AUM(n, **kw),
@@ -21,7 +22,7 @@ def all_logit_scorers(n: int, **kw) -> list[sw.Scorer]:
         sw.Loss(n, **kw),
         sw.Margin(n, **kw),
         sw.Entropy(n, **kw),
-        sw.Confidence(n, ema=0.8, **kw),
+        sw.Confidence(n, ema=confidence_ema, **kw),
         sw.ForgettingTracker(n, **kw),
         sw.Misclassified(n, **kw),
     ]

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import sampleweights as sw
+from conftest import all_logit_scorers
 from sampleweights.scorers.base import RunningMeanScorer
 from sampleweights.scorers.rowstats import RowStats
 
@@ -124,17 +125,8 @@ class Reference:
 
 
 def scorers(n: int, **kw) -> list[sw.Scorer]:
-    return [
-        sw.EL2N(n, **kw),
-        sw.AUM(n, **kw),
-        sw.DataMaps(n, **kw),
-        sw.Loss(n, **kw),
-        sw.Margin(n, **kw),
-        sw.Entropy(n, **kw),
-        sw.Confidence(n, **kw),
-        sw.ForgettingTracker(n, **kw),
-        sw.Misclassified(n, **kw),
-    ]
+    """One of every logit scorer, each with its plain running mean."""
+    return all_logit_scorers(n, confidence_ema=None, **kw)
 
 
 def ema_scorers(n: int, beta: float, **kw) -> list[sw.Scorer]:
