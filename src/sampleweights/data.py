@@ -117,7 +117,9 @@ class WithIndex(Dataset[Any], Generic[T_co]):
     def _normalise(index: Any, n: int) -> int:
         """``index`` as a dataset position in ``[0, n)``: negatives count from the end; an index
         outside the dataset is an IndexError, never wrapped around by the wrapped dataset."""
-        if isinstance(index, bool | np.bool_):
+        if isinstance(index, bool | np.bool_) or (
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool
+        ):
             raise TypeError(f"Dataset indices must be integers, but got {index!r}.")
         try:
             position = operator.index(index)
@@ -217,6 +219,11 @@ class BatchLayout:
             for b, pos_b in given[i + 1 :]:
                 if pos_a == pos_b:
                     raise ValueError(f"`{a}` and `{b}` must differ, but both are {pos_a}.")
+        if self.target_key == self.index_key:
+            raise ValueError(
+                f"`target_key` and `index_key` must differ, but both are {self.index_key!r}: the "
+                "dataset indices would be scored as class labels."
+            )
 
     # -- reading ---------------------------------------------------------------------------------
     def indices(self, batch: Any) -> Any:

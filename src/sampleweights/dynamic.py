@@ -590,6 +590,8 @@ class DynamicPruner(_MultisetSampler):
                 f"`dynamic.decision_epoch` ({epoch!r}) must be the saved epoch "
                 f"({state_dict.get('epoch')!r})"
             )
+        if bool(tensors["scores"].isinf().any()):  # update() records finite losses only
+            raise mismatch("`dynamic.scores` holds an infinite loss, which no update records")
         kept, low = tensors["kept"], tensors["low"]
         n_low = int(low.sum())
         k = int((kept & low).sum())

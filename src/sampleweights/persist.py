@@ -82,7 +82,9 @@ def save_scores(path: str | os.PathLike[str], scores: Tensor | Scorer, **meta: A
 
     Raises:
         TypeError: ``scores`` is not a 1-D float tensor or a scorer; ``meta`` is not JSON.
-        ValueError: a ``meta`` key is one that ``save_scores`` writes itself.
+        ValueError: a ``meta`` key is one that ``save_scores`` writes itself; float64 scores
+            that float32 storage cannot hold (beyond ±3.4e38, or non-zero below 1.4e-45); a
+            ``path`` that names a folder (ends with a separator).
         RuntimeError: under torch.distributed, the merge across ranks failed (another rank did
             not call ``save_scores``) or rank 0's write failed (on the other ranks).
 
@@ -258,7 +260,19 @@ def _as_array(scores: Tensor) -> np.ndarray:
             f"Expected the scorer's compute() to return a 1-D float tensor, but got "
             f"{_describe(scores)}."
         )
-    return scores.detach().to("cpu", torch.float32).numpy()
+    stored = scores.detach().to("cpu", torch.float32)
+    if scores.dtype == torch.float64:  # float32 storage must keep every value's kind
+        wide = scores.detach().to("cpu")
+        lost = (torch.isfinite(wide) & ~torch.isfinite(stored)) | ((wide != 0) & (stored == 0))
+        if bool(lost.any()):
+            at = int(lost.nonzero()[0])
+            raise ValueError(
+                f"Scores are stored as float32, which cannot hold {int(lost.sum())} of these "
+                f"float64 scores (e.g. index {at}: {float(wide[at])!r} would become "
+                f"{float(stored[at])!r}). Rescale the scores (their order is what selection "
+                "uses) before saving."
+            )
+    return stored.numpy()
 
 
 def _record(scores: Tensor, meta: dict[str, Any], scorer: Scorer | None = None) -> str:
@@ -288,9 +302,10 @@ def _world_rank() -> int:
 def _npz_path(path: str | os.PathLike[str]) -> Path:
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"Expected `path` to be a str or os.PathLike, but got {_describe(path)}.")
+    text = os.fspath(path)
     path = Path(path)
-    if path.name in ("", ".", ".."):
-        raise ValueError(f"Expected `path` to end in a file name, but got {str(path)!r}.")
+    if path.name in ("", ".", "..") or text.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise ValueError(f"Expected `path` to end in a file name, but got {text!r}.")
     return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 

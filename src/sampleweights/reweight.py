@@ -91,10 +91,11 @@ class LossReweighter:
         # shares). Checked again once float32, which holds neither 1e-50 nor 1e300.
         stored = weights.detach().to(torch.float32, copy=True)
         finite = bool(torch.isfinite(stored).all())
-        if not finite or not bool((stored > 0).any()):
+        vanished = (weights > 0) & (stored == 0)  # positive, but below float32's smallest
+        if not finite or bool(vanished.any()):
+            what = "infinite" if not finite else f"zero at index {int(vanished.nonzero()[0])}"
             raise ValueError(
-                f"`weights` are stored as float32, where they become "
-                f"{'infinite' if not finite else 'all zero'} (they range from "
+                f"`weights` are stored as float32, where they become {what} (they range from "
                 f"{float(weights.min()):g} to {float(weights.max()):g}); rescale them."
             )
         if normalize not in _NORMALIZE:

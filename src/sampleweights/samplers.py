@@ -307,7 +307,10 @@ class _MultisetSampler(Sampler[int]):
         """
         epoch = _as_int(epoch, "epoch", 0)
         if epoch != self.epoch:
+            # nothing of the new epoch is handed out yet (a cursor left from an earlier visit of
+            # that epoch would make state_dict() skip items)
             self._resume = None
+            self._cursor = None
         self.epoch = epoch
 
     # -- resume ------------------------------------------------------------------------------------
@@ -481,6 +484,11 @@ class PrunedSampler(_MultisetSampler):
             indices = torch.arange(indices.start, indices.stop, indices.step, device="cpu")
         # a copy: the caller may reuse or change its tensor, the sampler's multiset stays
         items = as_index_tensor(indices, "indices").to("cpu", torch.int64, copy=True).contiguous()
+        if items.numel() == 0:
+            raise ValueError(
+                "Expected `indices` to select at least one example, but got an empty selection: "
+                "the sampler would yield nothing."
+            )
         high = check_num_examples(num_examples) if num_examples is not None else 2**62
         check_range(items, 0, high, "indices", "dataset indices")
         duplicates = _num_duplicates(items)

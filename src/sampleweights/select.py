@@ -69,12 +69,14 @@ def _count(value: Any, total: int, name: str, *, allow_zero: bool) -> int:
 def _largest_remainder(counts: Tensor, budget: int) -> Tensor:
     """Integer quotas proportional to ``counts`` summing exactly to ``budget``."""
     total = int(counts.sum())
-    exact = counts.to(torch.float64) * budget / total
-    quota = exact.floor().to(torch.int64)
+    # in integers: the remainders (counts · budget) mod total are exact, so equal fractional
+    # parts tie exactly (in float64, 36·42/70 − 21 = 0.6000000000000014 beat a true 0.6)
+    share = counts.to(torch.int64) * budget
+    quota = share // total
     rest = budget - int(quota.sum())
     if rest:
         # largest fractional part first; ties to the lower class id (stable sort)
-        order = torch.sort(exact - quota, descending=True, stable=True).indices
+        order = torch.sort(share - quota * total, descending=True, stable=True).indices
         quota[order[:rest]] += 1
     return quota
 
@@ -99,13 +101,15 @@ def _strata(values: Tensor, bins: int) -> Tensor:
     ``[min, max · 1.0001)``, edges ``min + k · step`` computed as CCS computes them (in the scores'
     dtype), so every score lands in the stratum CCS puts it in.
 
-    Two cases CCS does not handle: a score at or above the last edge (when ``max ≤ 0``,
-    ``max · 1.0001 ≤ max``) goes to the last stratum, where CCS drops it from every stratum; and
-    a range whose width overflows the dtype (float32 scores spanning ±3e38) is binned in float64
-    after dividing by ``max |score|`` — the same strata, without ``inf``/``NaN`` edges.
+    Two cases CCS does not handle: when ``max ≤ 0`` (``max · 1.0001 ≤ max``, so CCS's edges
+    run downwards and it drops scores from every stratum) the top edge is
+    ``max + (max − min) · 1e-4`` instead, the same 0.01 % margin of the range; and a range whose
+    width overflows the dtype (float32 scores spanning ±3e38) is binned in float64 after
+    dividing by ``max |score|`` — the same strata, without ``inf``/``NaN`` edges.
     """
     lo, hi = values.min(), values.max()
-    step = (hi * 1.0001 - lo) / bins
+    top = hi * 1.0001 if bool(hi > 0) else hi + (hi - lo) * 1e-4
+    step = (top - lo) / bins
     if not bool(torch.isfinite(step)):
         scale = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
         return _strata(values.to(torch.float64) / scale, bins)
@@ -185,8 +189,9 @@ def select(
     order of ``torch.argsort`` of their sizes (as CCS), each taking ``min(size, remaining //
     strata left)``; the members are drawn uniformly within a stratum. Differences: fractions
     round (CCS truncates ``int(ratio · N)``: pass counts to reproduce it), and a pool whose
-    maximum is ≤ 0 keeps its maximum in the last stratum (CCS's ``max · 1.0001`` then drops
-    it). A range too wide for the dtype (float32 spanning ±3e38) is binned in float64.
+    maximum is ≤ 0 (CCS's ``max · 1.0001`` then lies below the maximum, so its edges run
+    downwards) is binned over ``[min, max + (max − min) · 1e-4)``. A range too wide for the
+    dtype (float32 spanning ±3e38) is binned in float64.
 
     Ties are broken by a seeded random permutation: forgetting and error-set scores are mostly
     ties, and index order would favour low indices.
@@ -211,8 +216,15 @@ def select(
     n = values.numel()
     if strategy not in _STRATEGIES:
         raise ValueError(f"Unknown `strategy` {strategy!r}; expected one of {list(_STRATEGIES)}.")
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+    if isinstance(bins, bool) or not isinstance(bins, int | np.integer):
+        raise TypeError(f"Expected `bins` to be an int ≥ 1, but got {type(bins).__name__}.")
+    if bins < 1:
         raise ValueError(f"Expected `bins` to be an int ≥ 1, but got {bins!r}.")
+    bins = int(bins)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"Expected `seed` to be an int, but got {type(seed).__name__}.")
+    if not -(2**63) <= int(seed) < 2**64:
+        raise ValueError(f"Expected `seed` in [-2**63, 2**64) (a 64-bit seed), but got {seed}.")
     k = _count(keep, n, "keep", allow_zero=False)
     skip = _count(offset, n, "offset", allow_zero=True)
     cut = _count(cutoff, n, "cutoff", allow_zero=True)
@@ -244,7 +256,13 @@ def select(
             )
         if labels is None:
             raise ValueError("class_balanced=True needs `labels`, the (N,) class of each example.")
-        label_t = torch.as_tensor(labels).to("cpu")
+        try:
+            label_t = torch.as_tensor(labels).to("cpu")
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"Expected `labels` to be (N,) integer class ids (a tensor, array or list of "
+                f"ints), but got {type(labels).__name__} that torch cannot read ({err})."
+            ) from err
         if label_t.dim() != 1 or label_t.numel() != n:
             raise ValueError(
                 f"Expected `labels` of shape ({n},) like `scores`, but got {tuple(label_t.shape)}."

@@ -137,7 +137,9 @@ def _as_index_array(values: Any, name: str) -> np.ndarray:
 def as_float_vector(values: Any, name: str, what: str) -> Tensor:
     """``values`` as a non-empty 1-D float tensor (numpy arrays converted), or a clear error."""
     if isinstance(values, np.ndarray):
-        values = torch.from_numpy(values)
+        # a copy in native byte order and C layout: torch cannot share reversed (negative-stride)
+        # or big-endian arrays
+        values = torch.from_numpy(np.ascontiguousarray(values, values.dtype.newbyteorder("=")))
     if not isinstance(values, Tensor) or not values.is_floating_point():
         raise TypeError(
             f"Expected `{name}` to be a 1-D float tensor ({what}), but got "
@@ -177,7 +179,13 @@ def per_example_ids(
         ValueError: the loss is not 1-D (a reduced loss), or the counts differ.
         TypeError: the loss is not a float tensor, or the ids are not integers.
     """
-    if not isinstance(per_example_loss, Tensor) or per_example_loss.dim() != 1:
+    if not isinstance(per_example_loss, Tensor):
+        raise TypeError(
+            f"Expected `per_example_loss` to be a torch tensor of shape (batch,) (e.g. "
+            f"F.cross_entropy(logits, y, reduction='none')), but got "
+            f"{type(per_example_loss).__name__}."
+        )
+    if per_example_loss.dim() != 1:
         raise ValueError(
             "Expected `per_example_loss` of shape (batch,) — use reduction='none' — but got "
             f"{getattr(per_example_loss, 'shape', type(per_example_loss).__name__)}."

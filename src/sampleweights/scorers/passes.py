@@ -12,6 +12,7 @@ from torch import nn
 from sampleweights.data import Forward, default_forward, logits_of
 from sampleweights.scorers.base import Scorer
 from sampleweights.scorers.collection import ScorerCollection
+from sampleweights.validation import as_index_tensor
 
 __all__ = ["eval_mode", "model_mode", "score_dataset", "unwrap_model"]
 
@@ -145,11 +146,14 @@ def score_dataset(
     checked = forward is not None
     with eval_mode(model):
         for batch in batches:
-            # read every scorer's indices and targets first: a layout that rejects the batch
-            # raises before any scorer has changed
+            # read (and range-check) every scorer's indices and targets first: a batch that one
+            # of them rejects raises before any scorer has changed
             for s in scorers:
-                s.layout.indices(batch)
+                indices = s.layout.indices(batch)
                 s.layout.targets(batch)
+                for member in s if isinstance(s, ScorerCollection) else (s,):
+                    if member.validate:
+                        member._check_indices(as_index_tensor(indices, "indices"))
             if not checked:  # the default forward: every layout must name the same model input
                 _check_same_input(batch, scorers)
                 checked = True
