@@ -16,7 +16,8 @@ epochs trains on the full data with weight 1. :class:`DynamicPruner` is that rul
 **The rule, exactly.** Before epoch ``e`` (at ``set_epoch(e)``) with ``L`` the latest recorded
 losses:
 
-* examples never recorded are kept with weight 1 (so epoch 0 is always the full data);
+* examples never recorded are kept with weight 1 (so epoch 0 is the full data, unless losses
+  were recorded before its ``set_epoch``);
 * the threshold is the mean of ``L`` over the recorded examples. (InfoBatch starts every score at
   3.0 and averages over the whole dataset, so never-seen examples count as a loss of 3 in its
   mean; here they count in neither the mean nor the pruning);
