@@ -51,6 +51,7 @@ from sampleweights.distributed import world
 from sampleweights.errors import StateMismatchError
 from sampleweights.integrations._state import AnyScorer, check_scorer, is_sw_sampler, to_cpu
 from sampleweights.reweight import LossReweighter
+from sampleweights.scorers.collection import ScorerCollection
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -139,6 +140,7 @@ class ScoringTrainerMixin(_TrainerBase):
         train_sampler: Any = None,
         index_key: str = "index",
         label_key: str = "labels",
+        shift_labels: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if scorer is not None:
@@ -158,6 +160,11 @@ class ScoringTrainerMixin(_TrainerBase):
             raise ValueError(
                 "`loss_fn` gives the per-example losses that `reweighter` weights: pass "
                 "reweighter=sw.LossReweighter(weights) with it, or drop loss_fn."
+            )
+        if shift_labels is not None and not isinstance(shift_labels, bool):
+            raise TypeError(
+                f"Expected `shift_labels` to be True, False or None (decide from the model), but "
+                f"got {type(shift_labels).__name__}."
             )
         for name, key in (("index_key", index_key), ("label_key", label_key)):
             if not isinstance(key, str):
@@ -194,6 +201,7 @@ class ScoringTrainerMixin(_TrainerBase):
         self.train_sampler = train_sampler
         self.index_key = index_key
         self.label_key = label_key
+        self.shift_labels = shift_labels
         self.add_callback(_SamplerEpochAndState(self))
 
     # -- the index through remove_unused_columns ---------------------------------------------------
@@ -268,8 +276,44 @@ class ScoringTrainerMixin(_TrainerBase):
             logits = logits_of(outputs)
             loss = self.reweighter(self.loss_fn(logits, labels), index)
         if self.scorer is not None:
+            if logits.dim() == 3 and labels.dim() == 2:
+                labels = self._token_targets(model, labels)
             self.scorer.update_indexed(index, logits.detach(), labels)
         return (loss, outputs) if return_outputs else loss
+
+    def _token_targets(self, model: torch.nn.Module, labels: Tensor) -> Tensor:
+        """The scorer's ``(B, T)`` targets for ``(B, T, C)`` logits: a causal LM's ``logits[t]``
+        predict ``labels[t + 1]`` (the model shifts its labels inside, so the batch holds them
+        unshifted): shifted left, the last position ignored. Other models' are aligned."""
+        if not self._shifts(model):
+            return labels
+        ignore = _ignore_index(self.scorer)
+        return F.pad(labels[:, 1:], (0, 1), value=ignore)
+
+    def _shifts(self, model: torch.nn.Module) -> bool:
+        if self.shift_labels is not None:
+            return self.shift_labels
+        from transformers.models.auto import modeling_auto
+
+        inner = model
+        while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+            inner = inner.module  # DDP / accelerate wrappers
+        name = type(inner).__name__
+        if name in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            return True
+        aligned = (
+            modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+            modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+            modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        )
+        if any(name in names.values() for names in aligned):
+            return False
+        raise ValueError(
+            f"{type(self).__name__} cannot tell whether {name}'s (B, T, C) logits predict the "
+            "next token (a causal LM, whose labels are shifted inside the model) or their own "
+            "position (token classification, masked or seq2seq LM): pass shift_labels=True for "
+            "the first, False for the second."
+        )
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_scoring_state(self, folder: str) -> str:
@@ -307,7 +351,11 @@ class ScoringTrainerMixin(_TrainerBase):
                 "ScoringTrainer checkpoint with the same number of processes."
             )
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
+        if (
+            not isinstance(saved, dict)
+            or saved.get("format") != _FORMAT
+            or not {"world_size", "rank", "scorer", "sampler"} <= set(saved)
+        ):
             raise StateMismatchError(f"{path} is not a sampleweights ScoringTrainer state file.")
         if saved["world_size"] != size:
             raise StateMismatchError(
@@ -367,6 +415,11 @@ class ScoringTrainer(ScoringTrainerMixin, Trainer):
             ``sw.JTTSampler(...)``…); None: ``Trainer``'s own.
         index_key: the batch key of the dataset indices (``WithIndex``'s default ``"index"``).
         label_key: the batch key of the targets (``"labels"``, as HF models name it).
+        shift_labels: for ``(B, T, C)`` logits, whether ``logits[t]`` predicts ``labels[t + 1]``
+            (a causal LM, which shifts its unshifted labels inside): the scorer then gets the
+            labels shifted left with the last position ignored. None (default): True for the
+            model classes of ``AutoModelForCausalLM``, False for token classification, masked
+            and seq2seq LMs, and an error for any other model with ``(B, T, C)`` logits.
 
     Raises:
         TypeError: ``scorer`` is not a logit scorer, ``reweighter`` not a ``LossReweighter``,
@@ -391,6 +444,12 @@ class ScoringTrainer(ScoringTrainerMixin, Trainer):
         >>> bool(trainer.scorer.compute().isnan().any())   # every example scored
         False
     """
+
+
+def _ignore_index(scorer: AnyScorer | None) -> int:
+    """The ignored-target id of a scorer or of a collection's scorers (they share one)."""
+    first = next(iter(scorer)) if isinstance(scorer, ScorerCollection) else scorer
+    return -100 if first is None else int(first.ignore_index)
 
 
 def _undo_accelerate_split(loader: Any, sampler: Any) -> None:

@@ -284,6 +284,28 @@ class ScoringCallback(Callback):
             return None
         return min(self._consumed, len(sampler))
 
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Refuse a checkpoint without this callback's state: Lightning would skip
+        :meth:`load_state_dict` and the scores would restart from nothing, silently.
+
+        Raises:
+            StateMismatchError: the checkpoint holds no state under :attr:`state_key` (it was
+                saved with other scorers, or without a ScoringCallback).
+        """
+        callbacks = checkpoint.get("callbacks") or {}
+        if self.state_key in callbacks or (self.scorer is None and self.score_with is None):
+            return
+        others = sorted(k for k in callbacks if str(k).startswith(f"{type(self).__name__}["))
+        saved = f"with {', '.join(others)}" if others else "without a ScoringCallback"
+        raise StateMismatchError(
+            f"Cannot resume {self.state_key}: the checkpoint was saved {saved}, so its scores "
+            "would restart from nothing. Build the callback with the saved run's scorers, or "
+            "load only the weights (LightningModule.load_from_checkpoint, no ckpt_path) to "
+            "start scoring afresh."
+        )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore this rank's part of a checkpoint (scorers now; samplers at train start).
 

@@ -1168,11 +1168,13 @@ class TokenBatch:
         out: list[Tensor] = []
         for b0, b1, t0, t1 in blocks:
             rows = (b1 - b0) * (t1 - t0)
-            stats = RowStats(
-                self.logits[b0:b1, t0:t1].reshape(rows, classes),
-                self.safe[b0:b1, t0:t1].reshape(rows),
-                margins=margins,
-            )
+            block = self.logits[b0:b1, t0:t1].reshape(rows, classes)
+            if block.stride(-1) != 1:
+                # classes not adjacent in memory (class-major logits): a reduction over a strided
+                # view sums in another order than over the copy a whole-batch reshape makes, so
+                # every block is made contiguous, and chunked and whole batches give the same bits
+                block = block.contiguous()
+            stats = RowStats(block, self.safe[b0:b1, t0:t1].reshape(rows), margins=margins)
             got = [v.view(b1 - b0, t1 - t0, *v.shape[1:]) for v in (r(stats) for r in readers)]
             if len(blocks) == 1:
                 return got
