@@ -96,3 +96,30 @@ def torchrun(
     return subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+class CollectiveCount:
+    """Records the torch.distributed collectives called while active (by wrapping them):
+    ``with CollectiveCount() as count: ...; count.calls == ["all_gather", ...]``."""
+
+    NAMES = ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast", "all_to_all")
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self) -> CollectiveCount:
+        for name in self.NAMES:
+            original = getattr(dist, name)
+            self._saved[name] = original
+
+            def wrapped(*args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._saved.items():
+            setattr(dist, name, original)

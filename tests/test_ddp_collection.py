@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import sampleweights as sw
-from ddp import run_ddp
+from ddp import CollectiveCount, run_ddp
 
 pytestmark = pytest.mark.ddp
 
@@ -45,32 +44,6 @@ def _schedule() -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     return steps
 
 
-class _Count:
-    """Counts the torch.distributed collectives made while active (by wrapping them)."""
-
-    NAMES = ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast", "all_to_all")
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self._saved: dict[str, object] = {}
-
-    def __enter__(self) -> _Count:
-        for name in self.NAMES:
-            original = getattr(dist, name)
-            self._saved[name] = original
-
-            def wrapped(*args, _name=name, _original=original, **kwargs):
-                self.calls.append(_name)
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, wrapped)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, original in self._saved.items():
-            setattr(dist, name, original)
-
-
 def _skipping() -> sw.ScorerCollection:
     """Order-dependent scorers that drop non-finite rows (trash-slot indices travel too)."""
     kw = {"nonfinite": "skip"}
@@ -89,12 +62,12 @@ def _ranked(rank: int, world: int) -> dict:
     for k, parts in enumerate(_schedule()):
         if k == NEW_RUN_BEFORE:
             collection.new_run()
-        with _Count() as count:
+        with CollectiveCount() as count:
             collection.update_indexed(*parts[rank])
         per_update.append(list(count.calls))
         idx, logits, y = parts[rank]
         skipping.update_indexed(idx, _with_nan(logits), y)
-    with _Count() as count:
+    with CollectiveCount() as count:
         scores = collection.compute()
     at_compute = list(count.calls)
     with pytest.warns(RuntimeWarning, match="skipped"):
@@ -107,7 +80,7 @@ def _ranked(rank: int, world: int) -> dict:
                 s.new_run()
         for s in separate:
             s.update_indexed(*parts[rank])
-    with _Count() as count:
+    with CollectiveCount() as count:
         separate_scores = {s.name: s.compute() for s in separate}
     separate_at_compute = list(count.calls)
     # out of step: rank 0 makes one update more while rank 1 computes -> both raise at once

@@ -11,13 +11,12 @@ from collections import Counter
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sampleweights as sw
-from ddp import run_ddp
+from ddp import CollectiveCount, run_ddp
 
 pytestmark = pytest.mark.ddp
 
@@ -95,34 +94,12 @@ def _compute(collection: sw.ScorerCollection) -> tuple[dict, dict, list[str]]:
     return scores, maps, [str(w.message) for w in caught]
 
 
-class _Count:
-    """The torch.distributed collectives called while active (by wrapping them)."""
-
-    NAMES = ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast", "all_to_all")
-
-    def __enter__(self) -> _Count:
-        self.calls: list[str] = []
-        self._saved = {name: getattr(dist, name) for name in self.NAMES}
-        for name, original in self._saved.items():
-
-            def wrapped(*args, _name=name, _original=original, **kwargs):
-                self.calls.append(_name)
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, wrapped)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, original in self._saved.items():
-            setattr(dist, name, original)
-
-
 def _collection_part(rank: int) -> dict:
     collection = sw.ScorerCollection(*_scorers())
     alone = sw.Loss(N)  # the scorer's own compute(), outside a collection
     per_update = []
     for parts in _schedule():
-        with _Count() as count:
+        with CollectiveCount() as count:
             collection.update_indexed(*parts[rank])
         per_update.append(count.calls)
         alone.update_indexed(*parts[rank])
