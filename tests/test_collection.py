@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import sampleweights as sw
 from buffers import LiveBuffers
-from conftest import all_logit_scorers
+from conftest import all_logit_scorers, assert_same_state, snapshot
 from sampleweights.scorers.rowstats import RowStats
 
 
@@ -472,3 +472,171 @@ def test_batches_without_repeated_indices_scatter_the_same_bits_as_grouped_ones(
         assert torch.equal(state[:n].view(-1), other[:n].view(-1)), name
         if state.is_floating_point():  # bit for bit, signed zeros included
             assert torch.equal(state[:n].view(torch.int64), other[:n].view(torch.int64)), name
+
+
+# -- the fused update: statistics, values and every state update in one compiled call ----------
+
+
+def _fusable_scorers(n: int, **kw) -> list[sw.Scorer]:
+    return all_logit_scorers(n, confidence_ema=None, **kw)
+
+
+def _distinct_updates(seed: int, n: int = 30, sizes=(8, 8, 5, 8, 1, 8), classes: int = 6):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for size in sizes:
+        idx = torch.randperm(n, generator=gen)[:size]
+        logits = torch.randn(size, classes, generator=gen) * 4
+        out.append((idx, logits, torch.randint(0, classes, (size,), generator=gen)))
+    return out
+
+
+class _CountingUpdate:
+    """Wraps a collection's compiled update and counts the calls that reached it."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.inner(*args)
+
+
+def _assert_same_scores(fused, eager, *, rtol=1e-5, atol=1e-6):
+    for s, e in zip(fused, eager, strict=True):
+        assert s.num_updates == e.num_updates and s.num_runs == e.num_runs, s.name
+        for key, state in e.state_dict()["state"].items():
+            got = s.state_dict()["state"][key]
+            if state.is_floating_point():  # the compiled statistics round in another order
+                torch.testing.assert_close(got, state, rtol=rtol, atol=atol, msg=key)
+            else:  # counts, flags and steps: the same integers
+                assert torch.equal(got, state), f"{s.name}.{key}"
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile is unavailable here")
+def test_a_fused_update_is_one_compiled_call_with_the_eager_scores():
+    """Every update after a scorer's first (which places its state) is one compiled call;
+    repeated indices, a new run's first update and a changed batch size take or keep the
+    eager path, interleaved, with the same states."""
+    eager = sw.ScorerCollection(*_fusable_scorers(30))
+    fused = sw.ScorerCollection(*_fusable_scorers(30), compile=True)
+    assert fused._whole is not None
+    counter = fused._whole = _CountingUpdate(fused._whole)
+    batches = _distinct_updates(0)
+    for k, batch in enumerate(batches):
+        eager.update_indexed(*batch)
+        fused.update_indexed(*batch)
+        if k == 2:  # repeated indices: the eager path
+            idx, logits, targets = _distinct_updates(9, sizes=(6,))[0]
+            idx[3] = idx[0]
+            eager.update_indexed(idx, logits, targets)
+            fused.update_indexed(idx, logits, targets)
+    assert counter.calls == len(batches) - 1  # all but the very first
+    eager.new_run()
+    fused.new_run()
+    for batch in _distinct_updates(1):
+        eager.update_indexed(*batch)
+        fused.update_indexed(*batch)
+    assert counter.calls == 2 * len(batches) - 2  # a run's first update is eager (_begin_run)
+    _assert_same_scores(fused, eager)
+    want, got = eager.compute(), fused.compute()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile is unavailable here")
+def test_a_fused_update_refuses_non_finite_logits_and_changes_nothing():
+    fused = sw.ScorerCollection(*_fusable_scorers(30), compile=True)
+    eager = sw.ScorerCollection(*_fusable_scorers(30))
+    batches = _distinct_updates(2)
+    for batch in batches[:2]:
+        fused.update_indexed(*batch)
+        eager.update_indexed(*batch)
+    before = {s.name: snapshot(s) for s in fused}
+    idx, logits, targets = batches[2]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = logits.clone()
+        broken[1, 2] = bad
+        with pytest.raises(ValueError, match=r"NaN or inf in 1 of 5 rows"):
+            fused.update_indexed(idx, broken, targets)
+        for s in fused:
+            assert_same_state(before[s.name], snapshot(s))
+    for batch in batches[2:]:
+        fused.update_indexed(*batch)
+        eager.update_indexed(*batch)
+    _assert_same_scores(fused, eager)
+
+
+def _subclass_el2n(n):
+    class Doubled(sw.EL2N):
+        name = "doubled"
+
+        def _values_from(self, stats):
+            return 2 * stats.el2n
+
+    return Doubled(n)
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile is unavailable here")
+@pytest.mark.parametrize(
+    "extra",
+    [
+        lambda n: sw.Confidence(n, ema=0.5),
+        lambda n: sw.Loss(n, nonfinite="skip"),
+        lambda n: sw.Loss(n, validate=False),
+        _subclass_el2n,
+    ],
+    ids=["ema", "nonfinite-skip", "validate-false", "subclass"],
+)
+def test_collections_with_a_scorer_that_cannot_be_fused_stay_eager(extra):
+    scorers = [sw.AUM(20), sw.Misclassified(20), extra(20)]
+    fused = sw.ScorerCollection(*scorers, compile=True)
+    assert fused._whole is None  # the shared statistics alone are compiled
+    eager = sw.ScorerCollection(sw.AUM(20), sw.Misclassified(20), extra(20))
+    for batch in _distinct_updates(3, n=20):
+        fused.update_indexed(*batch)
+        eager.update_indexed(*batch)
+    _assert_same_scores(fused, eager)
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile is unavailable here")
+def test_a_scorer_updated_on_its_own_keeps_its_own_step_in_a_fused_update():
+    """Misclassified records each example's update number: scorers of one fused call may be
+    at different counts (one updated alone in between), and each keeps its own."""
+    wrong, aum = sw.Misclassified(30), sw.AUM(30)
+    fused = sw.ScorerCollection(wrong, aum, compile=True)
+    ref_wrong, ref_aum = sw.Misclassified(30), sw.AUM(30)
+    batches = _distinct_updates(4)
+    for k, batch in enumerate(batches):
+        fused.update_indexed(*batch)
+        ref_wrong.update_indexed(*batch)
+        ref_aum.update_indexed(*batch)
+        if k == 1:
+            wrong.update_indexed(*batches[0])
+            ref_wrong.update_indexed(*batches[0])
+    assert wrong.num_updates == len(batches) + 1 and aum.num_updates == len(batches)
+    assert torch.equal(wrong.state_dict()["state"]["step"], ref_wrong.state_dict()["state"]["step"])
+    torch.testing.assert_close(wrong.compute(), ref_wrong.compute(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(aum.compute(), ref_aum.compute(), equal_nan=True)
+
+
+def test_a_failing_whole_update_compiler_falls_back_with_a_warning():
+    class Broken:
+        def __call__(self, *args):
+            raise RuntimeError("no C++ compiler")
+
+    eager = sw.ScorerCollection(*_fusable_scorers(30))
+    broken = sw.ScorerCollection(*_fusable_scorers(30))
+    broken._whole, broken._steps_numpy = Broken(), np.zeros(9, dtype=np.int64)
+    broken._steps = torch.from_numpy(broken._steps_numpy)
+    batches = _distinct_updates(5)
+    broken.update_indexed(*batches[0])  # the first update places the states: eager
+    eager.update_indexed(*batches[0])
+    with pytest.warns(RuntimeWarning, match="compile of the whole update failed.*no C\\+\\+"):
+        broken.update_indexed(*batches[1])
+    eager.update_indexed(*batches[1])
+    for batch in batches[2:]:  # warned once, then eager for good
+        broken.update_indexed(*batch)
+        eager.update_indexed(*batch)
+    assert broken._whole is None
+    _assert_same_scores(broken, eager, rtol=0, atol=0)

@@ -427,13 +427,13 @@ def test_sequences_on_cuda_match_cpu_without_a_host_sync():
     )
     for idx, logits, y in data:
         cpu.update_indexed(idx, logits, y)
-    idx, logits, y = data[0]
-    gpu.update_indexed(idx.cuda(), logits.cuda(), y.cuda())  # the first claims the device
+    on_gpu = [(idx.cuda(), logits.cuda(), y.cuda()) for idx, logits, y in data]
+    gpu.update_indexed(*on_gpu[0])  # the first claims the device
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # (the copies above are the test's, not ours)
     try:
-        for idx, logits, y in data[1:]:
-            gpu.update_indexed(idx.cuda(), logits.cuda(), y.cuda())
+        for batch in on_gpu[1:]:
+            gpu.update_indexed(*batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     with warnings.catch_warnings():

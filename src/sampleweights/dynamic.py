@@ -317,7 +317,7 @@ class DynamicPruner(_MultisetSampler):
             ValueError, TypeError: a malformed batch or an index out of range; nothing is recorded.
         """
         idx = self._indices(per_example_loss, indices)
-        self._record(per_example_loss, idx.to(per_example_loss.device))
+        self._record(per_example_loss, idx.to(per_example_loss.device, non_blocking=True))
 
     def _record(self, per_example_loss: Tensor, idx: Tensor) -> None:
         self._follow(per_example_loss.device)
@@ -338,7 +338,7 @@ class DynamicPruner(_MultisetSampler):
         """
         idx = as_index_tensor(indices, "indices")
         check_range(idx, 0, self.num_examples, "indices", f"num_examples={self.num_examples}")
-        return self._weights_of(idx.to(self._upweighted.device), torch.float32)
+        return self._weights_of(idx.to(self._upweighted.device, non_blocking=True), torch.float32)
 
     def _weights_of(self, idx: Tensor, dtype: torch.dtype) -> Tensor:
         # Python scalars, not tensors: no host-to-device copy (and no sync) per batch on CUDA
@@ -393,7 +393,7 @@ class DynamicPruner(_MultisetSampler):
                     f"{reweighter.num_examples} weights; build it for the same dataset."
                 )
         idx = self._indices(per_example_loss, indices)
-        on_device = idx.to(per_example_loss.device)
+        on_device = idx.to(per_example_loss.device, non_blocking=True)  # host → GPU: no wait
         self._record(per_example_loss, on_device)
         # weighted in at least float32 and rounded once: n / k in bf16 would be biased (5/3 is
         # 1.664 there) and p · loss can overflow float16

@@ -133,7 +133,7 @@ class LossReweighter:
         # float16/bfloat16 losses are weighted and summed in float32 (Σ wᵢ·lossᵢ overflows
         # float16 long before the normalised loss does), then rounded once to their dtype
         dtype = torch.promote_types(per_example_loss.dtype, torch.float32)
-        w = self._weights[idx.to(per_example_loss.device)].to(dtype)
+        w = self._weights[idx.to(per_example_loss.device, non_blocking=True)].to(dtype)
         total = (w * per_example_loss.to(dtype)).sum()
         if self.sync_batch and is_distributed(self.process_group):
             # finite in ``dtype``: Σ_global wᵢ = 0 (so total = 0) must give 0, not 0 · ∞

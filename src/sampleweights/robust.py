@@ -226,7 +226,7 @@ class GroupDROLoss:
         if self.validate:
             check_range(g, 0, self.num_groups, "groups", f"num_groups={self.num_groups}")
         device = per_example_loss.device
-        g = g.to(device)
+        g = g.to(device, non_blocking=True)
         size = world(self.process_group)[0] if is_distributed(self.process_group) else 1
 
         # per-group loss sums and counts of the (global) batch: (2, G) float64

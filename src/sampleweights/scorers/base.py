@@ -332,18 +332,7 @@ class Scorer(abc.ABC):
             # order-dependent state: every rank applies the global batch, ordered by (rank,
             # position), so the state is identical on every rank and equals one process's
             indices, values = self._exchange(indices, values)
-        device = self._claim_device(source)
-        here = world(self.process_group)
-        if self.exchanges_updates or self._world is None or here[0] > 1:
-            self._world = here
-        # else: a per-rank state updated under a group that is gone stays that rank's part
-        if self._run_updates == 0:
-            if self.num_runs:
-                self._begin_run()  # the first update of a later run
-            self.num_runs += 1
-        self._run_updates += 1
-        self.num_updates += 1
-        step = self.num_updates
+        device, step = self._count_update(source)
         if device == source:
             self._apply(indices, values, skipped, step)
         elif source.type == "cuda" and device.type == "cpu":
@@ -358,6 +347,24 @@ class Scorer(abc.ABC):
                 None if skipped is None else skipped.to(device),
                 step,
             )
+
+    def _count_update(self, source: torch.device) -> tuple[torch.device, int]:
+        """The bookkeeping of one update whose values are on ``source``: claims the state's
+        device, records the process group's world, starts a run (``_begin_run`` on the first
+        update of a later one) and counts the update. Returns ``(state device, step)``, the
+        step being the update's 1-based number."""
+        device = self._claim_device(source)
+        here = world(self.process_group)
+        if self.exchanges_updates or self._world is None or here[0] > 1:
+            self._world = here
+        # else: a per-rank state updated under a group that is gone stays that rank's part
+        if self._run_updates == 0:
+            if self.num_runs:
+                self._begin_run()  # the first update of a later run
+            self.num_runs += 1
+        self._run_updates += 1
+        self.num_updates += 1
+        return device, self.num_updates
 
     def _exchange(self, indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """All-gather every rank's ``(index, value)`` pairs, in rank order (a collective).
@@ -397,7 +404,13 @@ class Scorer(abc.ABC):
             staged, self._staging = self._staging, None
             self._apply(*staged.wait())
 
-    def _validate(self, indices: Any, logits: Any, targets: Any) -> tuple[Tensor, Tensor, Tensor]:
+    def _validate(
+        self, indices: Any, logits: Any, targets: Any, *, check_finite: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Check one batch; returns ``(indices, detached logits, targets)`` as tensors.
+        ``check_finite=False`` leaves the ``nonfinite="raise"`` check of ``(B, C)`` logits to
+        the caller (:meth:`_check_finite`; a fused collection update makes it inside its
+        compiled call)."""
         if isinstance(logits, Tensor) and logits.dim() == 3:
             return self._validate_tokens(indices, logits, targets)
         indices = as_index_tensor(indices, "indices")
@@ -425,15 +438,21 @@ class Scorer(abc.ABC):
             self._check_indices(indices)
             check_range(targets, 0, classes, "targets", f"logits have {classes} classes")
         logits = logits.detach()
+        if check_finite:
+            self._check_finite(logits)
+        self._warn_if_probabilities(logits, "every row of `logits` is non-negative and sums to 1")
+        return indices, logits, targets
+
+    def _check_finite(self, logits: Tensor) -> None:
+        """With ``nonfinite="raise"``: ValueError if a row of ``(B, C)`` logits holds NaN or inf
+        (a host sync for CUDA tensors)."""
         if self.nonfinite == "raise" and not bool(finite_rows(logits).all()):
             rows = int((~finite_rows(logits)).sum())
             raise ValueError(
-                f"`logits` contain NaN or inf in {rows} of {batch} rows. Fix the model, or build "
-                "the scorer with nonfinite='skip' to drop such rows (e.g. fp16 overflow steps "
-                "that GradScaler skips)."
+                f"`logits` contain NaN or inf in {rows} of {len(logits)} rows. Fix the model, or "
+                "build the scorer with nonfinite='skip' to drop such rows (e.g. fp16 overflow "
+                "steps that GradScaler skips)."
             )
-        self._warn_if_probabilities(logits, "every row of `logits` is non-negative and sums to 1")
-        return indices, logits, targets
 
     def _validate_tokens(
         self, indices: Any, logits: Tensor, targets: Any
@@ -476,7 +495,10 @@ class Scorer(abc.ABC):
         logits = logits.detach()
         if self.nonfinite == "raise":
             tokens = TokenBatch(
-                logits, targets.to(logits.device), self.ignore_index, self.chunk_tokens
+                logits,
+                targets.to(logits.device, non_blocking=True),
+                self.ignore_index,
+                self.chunk_tokens,
             )
             finite = tokens.finite()
             if not bool(finite.all()):
@@ -548,6 +570,18 @@ class Scorer(abc.ABC):
     def _values(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Per-example values ``(B,)`` from validated, detached logits ``(B, C)`` (any float
         dtype) and int64 targets ``(B,)``, on the logits' device. Math in fp32."""
+
+    @staticmethod
+    def _scatter_distinct(
+        state: dict[str, Tensor], indices: Tensor, values: Tensor, step: int | Tensor
+    ) -> None:
+        """``_scatter`` for a batch whose indices are all distinct, as a function of the state
+        dict alone (no ``self``; tensor operations only, the trash slot being each state's last
+        entry), so that ``ScorerCollection(..., compile=True)`` can fuse the updates of its
+        built-in scorers with the shared statistics into one compiled call. ``step``: the
+        update's number, an int or a 0-d int64 tensor. The built-in scorers define it and use it
+        in their own ``_scatter``; other scorers are never fused."""
+        raise NotImplementedError("this scorer has no fusable scatter: it is never fused")
 
     def _values_from(self, stats: RowStats) -> Tensor:
         """Per-example values ``(B,)`` from a batch's shared :class:`RowStats` (the statistics a
@@ -882,6 +916,14 @@ class Scorer(abc.ABC):
         )
 
 
+def _add_to_mean(
+    state: dict[str, Tensor], indices: Tensor, values: Tensor, step: int | Tensor
+) -> None:
+    """A plain running mean's update: ``sum += value``, ``count += 1`` at each index."""
+    state["sum"].index_add_(0, indices, values.to(torch.float64))
+    state["count"].index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+
+
 class RunningMeanScorer(Scorer):
     """A scorer whose score is the mean over presentations of a per-example value.
 
@@ -907,6 +949,13 @@ class RunningMeanScorer(Scorer):
     Raises:
         TypeError, ValueError: ``ema`` not a float in (0, 1).
     """
+
+    @staticmethod
+    def _scatter_distinct(
+        state: dict[str, Tensor], indices: Tensor, values: Tensor, step: int | Tensor
+    ) -> None:
+        """The plain mean's scatter (with ``ema=`` the collection does not fuse the update)."""
+        _add_to_mean(state, indices, values, step)
 
     def __init__(self, num_examples: int, *, ema: float | None = None, **kwargs: Any) -> None:
         if ema is not None:
@@ -948,12 +997,10 @@ class RunningMeanScorer(Scorer):
 
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         if self.ema is None:
-            self._state["sum"].index_add_(0, indices, values.to(torch.float64))
-            self._state["count"].index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+            _add_to_mean(self._state, indices, values, step)  # repeated indices sum up too
             return
         # r presentations of one index in this batch, values v_1 … v_r in batch order:
         # S ← β^r S + Σ_k β^(r−k) v_k, W ← β^r W + Σ_k β^(r−k)
-        decay = torch.tensor(self.ema, dtype=torch.float64, device=indices.device)
         sorted_idx, order, is_last = last_occurrence(indices)
         size = len(sorted_idx)
         position = torch.arange(size, device=indices.device)
@@ -961,8 +1008,9 @@ class RunningMeanScorer(Scorer):
         first[1:] = is_last[:-1]  # a group (one index) starts after the previous one's last
         start = torch.cummax(torch.where(first, position, 0), 0).values  # (B,) its group's first
         end = torch.where(is_last, position, size).flip(0).cummin(0).values.flip(0)  # … last row
-        weight = decay.pow((end - position).to(torch.float64))  # β^(presentations after it)
-        fade = decay.pow((end - start + 1).to(torch.float64))  # β^r, r = the group's size
+        # β^(presentations after it) and β^r, r = the group's size; a Python β: no host → GPU copy
+        weight = torch.pow(self.ema, (end - position).to(torch.float64))
+        fade = torch.pow(self.ema, (end - start + 1).to(torch.float64))
         slot = torch.where(is_last, sorted_idx, self.num_examples)  # each index once; rest: trash
         for name, add in (
             ("ema_sum", weight * values[order].to(torch.float64)),

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,6 +32,7 @@ from sampleweights.distributed import (
 )
 from sampleweights.errors import StateMismatchError
 from sampleweights.scorers.base import Scorer, TokenBatch, one_batch
+from sampleweights.scorers.fused import CompiledUpdate, compiled_update, fusable
 from sampleweights.scorers.rowstats import RowStats, _fused, _fused_any_shape, _FusedRowStats
 from sampleweights.scorers.stats import Entropy
 from sampleweights.validation import finite_rows
@@ -57,13 +59,24 @@ class ScorerCollection:
         *scorers: logit scorers (at least one).
         layout: where ``update(batch, logits)`` finds index and target; default: the first
             scorer's.
-        compile: compute the shared statistics of ``(B, C)`` batches with ``torch.compile``
-            (inductor; one fused pass instead of ~30 eager operations). Off by default: the
-            first batch of each new shape compiles (seconds), after which batch sizes vary
-            freely (dynamic shapes). The statistics follow the same formulas but round in the
-            compiler's order, so scores can differ from the eager path's in the last bits
-            (≤ 1e-5 relative, see docs/performance.md); correctness (forgetting, misclassified)
-            is identical. Falls back to the eager path, with a warning, if compilation fails.
+        compile: use ``torch.compile`` (inductor: C++ on the CPU, Triton on CUDA) for ``(B, C)``
+            batches. When every scorer is a built-in one with a plain mean (EL2N, AUM, DataMaps,
+            ForgettingTracker, Misclassified, Loss, Margin, Entropy, Confidence; no ``ema=``),
+            ``nonfinite="raise"`` and ``validate=True``, each update is **one compiled call**:
+            the shared statistics, every scorer's values and every state update, fused (the
+            finiteness check too; the other checks stay eager and come first). It needs the
+            batch's indices on the CPU (as a DataLoader gives them) and distinct; a batch with
+            repeated indices, a run's first update, or a collection under
+            ``torch.distributed`` takes the eager path for that update. Otherwise only the
+            shared statistics are compiled. Pays below ~1000 classes (see
+            docs/performance.md); at 32 000 the eager default is as fast. Off by default: the
+            first batch of each new shape compiles (seconds), after a few shapes one
+            dynamic-shape kernel takes every size. The statistics follow the same formulas
+            but round in the compiler's order, so scores can differ from the eager path's in
+            the last bits (sums over the classes in another order, ~√C float32 ulps: ≤ 5e-7
+            relative up to 1000 classes, ≤ 2e-5 at 32 000); correctness (forgetting,
+            misclassified) and every count are identical. Falls back to the eager path, with
+            a warning, if compilation fails.
 
     Raises:
         TypeError: an argument is not a scorer, or ``compile`` is not a bool, or a scorer runs
@@ -125,6 +138,13 @@ class ScorerCollection:
             )
         self._scorers: dict[str, Scorer] = dict(zip(names, scorers, strict=True))
         self._fused: _CompiledPass | None = None
+        # the whole update as one compiled call, when every scorer is fusable
+        self._whole: CompiledUpdate | None = None
+        if compile and all(fusable(s) for s in scorers):
+            self._whole = compiled_update()
+            # each update's step numbers, written through numpy (no dispatch) into one tensor
+            self._steps_numpy = np.zeros(len(scorers), dtype=np.int64)
+            self._steps = torch.from_numpy(self._steps_numpy)
         if compile:
             self._fused = _compiled_fused()
         self._entropy = any(isinstance(s, Entropy) for s in scorers)
@@ -172,17 +192,23 @@ class ScorerCollection:
                 f"Expected the scorers of a collection to share one `ignore_index` for sequence "
                 f"batches, but got {ignore}: build them with the same ignore_index=..."
             )
+        # a fusable collection checks the logits' finiteness inside its compiled call
+        fused = self._whole is not None and not sequence
         checked: dict[tuple[bool, str], tuple[Tensor, Tensor, Tensor]] = {}
         for s in scorers:
             policy = (s.validate, s.nonfinite)
             if policy not in checked:
-                checked[policy] = s._validate(indices, logits, targets)
+                checked[policy] = s._validate(indices, logits, targets, check_finite=not fused)
         index_t, logits_t, target_t = next(iter(checked.values()))
         target_t = target_t.to(logits_t.device, torch.int64, non_blocking=True)
         skip = any(s.nonfinite == "skip" for s in scorers)
         if sequence:
             self._update_tokens(scorers, index_t, logits_t, target_t, skip)
             return
+        if fused:
+            if self._update_fused(scorers, index_t, logits_t, target_t):
+                return
+            scorers[0]._check_finite(logits_t)  # every scorer's nonfinite is "raise"
         finite = finite_rows(logits_t) if skip else None
         stats = self._row_stats(logits_t, target_t)
         values: list[Tensor | None] = [None] * len(scorers)
@@ -200,6 +226,58 @@ class ScorerCollection:
         exchanged = self._exchange(index_t, ready, finite)
         for s, v in zip(scorers, ready, strict=True):
             s._ingest(index_t, v, finite if s.nonfinite == "skip" else None, exchanged.get(s.name))
+
+    def _update_fused(
+        self, scorers: list[Scorer], indices: Tensor, logits: Tensor, targets: Tensor
+    ) -> bool:
+        """Statistics, values and every state update of a validated ``(B, C)`` batch in one
+        compiled call (see :mod:`sampleweights.scorers.fused`), where that is exactly what the
+        eager path would do: at least one row and two classes, no process group, every state
+        already on the logits' device in a run already started (no device move or
+        ``_begin_run`` pending), and the indices on the CPU (so checking that they are
+        distinct costs no host sync) and distinct. Returns False, having changed nothing,
+        where any of that fails: the caller takes the eager path."""
+        whole, device = self._whole, logits.device
+        if whole is None or logits.shape[0] == 0 or logits.shape[1] < 2:
+            return False
+        if indices.device.type != "cpu" or not _distinct(indices):
+            return False
+        for s in scorers:
+            if (
+                is_distributed(s.process_group)
+                or not s._device_fixed
+                or s._device != device
+                or s._staging is not None
+                or s._run_updates == 0
+            ):
+                return False
+        self._steps_numpy[:] = [s.num_updates + 1 for s in scorers]  # what _count_update counts
+        kinds = tuple(type(s) for s in scorers)
+        states = [s._state for s in scorers]
+        try:
+            finite = whole(
+                logits,
+                targets,
+                indices.to(device, torch.int64, non_blocking=True),
+                self._steps.to(device, non_blocking=True),  # a staged copy on CUDA: no wait
+                kinds,
+                states,
+                self._entropy,
+            )
+        except Exception as err:  # a compiler missing or failing: the eager path, once warned
+            self._whole = None
+            warnings.warn(
+                f"ScorerCollection(compile=True): torch.compile of the whole update failed "
+                f"({type(err).__name__}: {err}); updating the scorers eagerly from now on.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return False
+        if not bool(finite):  # the states are unchanged (every row went to the trash slot)
+            scorers[0]._check_finite(logits)  # raises, naming the rows
+        for s in scorers:
+            s._count_update(device)
+        return True
 
     def _row_stats(self, logits: Tensor, targets: Tensor) -> RowStats:
         """The batch's shared statistics: compiled when asked for (and the batch has two
@@ -233,7 +311,9 @@ class ScorerCollection:
         for k, v in zip(order, per_token, strict=True):
             values[k] = scorers[k]._reduce_tokens(v, tokens.valid)
         # sequences without a valid token travel to the trash slot, for the exchange too
-        kept = torch.where(tokens.empty, self.num_examples, indices.to(tokens.empty.device))
+        kept = torch.where(
+            tokens.empty, self.num_examples, indices.to(tokens.empty.device, non_blocking=True)
+        )
         exchanged = self._exchange(kept, values, finite)
         for s, v in zip(scorers, values, strict=True):
             s._ingest(
@@ -478,6 +558,13 @@ def _compiled_fused() -> _CompiledPass:
     if not _COMPILED:
         _COMPILED.append(_CompiledPass())
     return _COMPILED[0]
+
+
+def _distinct(indices: Tensor) -> bool:
+    """Whether a CPU index tensor (B,) holds every index once: numpy's sort, a quarter of the
+    cost of torch's at a few hundred rows (no dispatch)."""
+    ordered = np.sort(indices.numpy())
+    return bool((ordered[1:] != ordered[:-1]).all())
 
 
 def _out_of_step(name: str, rows: list[list[int]]) -> str:

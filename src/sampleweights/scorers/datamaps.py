@@ -98,23 +98,28 @@ class DataMaps(Scorer):
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         # group the batch by example (batch order kept), then per group its count, mean and M₂
         sorted_idx, order, is_last = last_occurrence(indices)
-        mean, m2 = self._state["mean"], self._state["m2"]
         if distinct_on_cpu(is_last):
-            # every index once (no device to wait for on CPU): each group is one row, n_b = 1,
-            # mean_b = p, M₂_b = 0, so the merge below reduces to these same operations, bit for
-            # bit (m2_a + 0 = m2_a, n_a·1 = n_a), in batch order, with half the ops
-            p = values[:, 0].to(torch.float64)
-            n_a = self._state["count"].index_select(0, indices).to(torch.float64)
-            mean_a = mean.index_select(0, indices)
-            n = n_a + 1.0
-            delta = p - mean_a
-            mean.index_copy_(0, indices, mean_a + delta * (1.0 / n))
-            m2.index_copy_(0, indices, m2.index_select(0, indices) + delta.square() * (n_a / n))
-        else:
-            self._scatter_groups(sorted_idx, order, is_last, values)
-        ones = torch.ones_like(indices, dtype=torch.int32)
-        self._state["count"].index_add_(0, indices, ones)
-        self._state["correct"].index_add_(0, indices, values[:, 1].to(torch.int32))
+            self._scatter_distinct(self._state, indices, values, step)
+            return
+        self._scatter_groups(sorted_idx, order, is_last, values)
+        _add_counts(self._state, indices, values)
+
+    @staticmethod
+    def _scatter_distinct(
+        state: dict[str, Tensor], indices: Tensor, values: Tensor, step: int | Tensor
+    ) -> None:
+        """Every index once: each group is one row, ``n_b = 1``, ``mean_b = p``, ``M₂_b = 0``,
+        so the grouped merge reduces to these same operations, bit for bit (``m2_a + 0 =
+        m2_a``, ``n_a·1 = n_a``), in batch order, with half the ops."""
+        mean, m2 = state["mean"], state["m2"]
+        p = values[:, 0].to(torch.float64)
+        n_a = state["count"].index_select(0, indices).to(torch.float64)
+        mean_a = mean.index_select(0, indices)
+        n = n_a + 1.0
+        delta = p - mean_a
+        mean.index_copy_(0, indices, mean_a + delta * (1.0 / n))
+        m2.index_copy_(0, indices, m2.index_select(0, indices) + delta.square() * (n_a / n))
+        _add_counts(state, indices, values)
 
     def _scatter_groups(
         self, sorted_idx: Tensor, order: Tensor, is_last: Tensor, values: Tensor
@@ -180,3 +185,9 @@ class DataMaps(Scorer):
         self.compute()
         out, self._all = self._all, {}
         return out
+
+
+def _add_counts(state: dict[str, Tensor], indices: Tensor, values: Tensor) -> None:
+    """One more presentation per row, and one more correct one where ``values[:, 1]`` is 1."""
+    state["count"].index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+    state["correct"].index_add_(0, indices, values[:, 1].to(torch.int32))

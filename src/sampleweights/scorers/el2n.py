@@ -43,7 +43,7 @@ def el2n(logits: Tensor, targets: Tensor) -> Tensor:
         >>> el2n(torch.tensor([[0.0, 0.0]]), torch.tensor([0]))  # p = (.5, .5): √(.25 + .25)
         tensor([0.7071])
     """
-    targets = targets.to(logits.device, torch.int64)
+    targets = targets.to(logits.device, torch.int64, non_blocking=True)
     return RowStats(logits.detach(), targets, margins=False).el2n
 
 

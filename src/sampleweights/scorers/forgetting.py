@@ -119,12 +119,7 @@ class ForgettingTracker(Scorer):
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         sorted_idx, order, is_last = last_occurrence(indices)
         if distinct_on_cpu(is_last):
-            # every index once (no device to wait for on CPU): each row's previous presentation
-            # is the stored one and each row is its index's last, so no sorted order is needed
-            # (the same integer and boolean results, with a third fewer ops)
-            forgotten = self._state["last_correct"].index_select(0, indices) > values
-            self._add_presentations(indices, values, forgotten)
-            self._state["last_correct"].index_copy_(0, indices, values)
+            self._scatter_distinct(self._state, indices, values, step)
             return
         now = values.index_select(0, order)  # correctness in (index, batch position) order
         # The previous presentation: the stored state at a group's first row, else the row
@@ -137,18 +132,21 @@ class ForgettingTracker(Scorer):
         # A stored last_correct is False until the first presentation of the run, so no event is
         # counted for a first presentation (nor against the previous run).
         forgotten = prev > now  # prev & ~now, one op on bools
-        self._add_presentations(sorted_idx, now, forgotten)
+        _add_presentations(self._state, sorted_idx, now, forgotten)
         # only each index's last presentation is remembered; the others go to the trash slot
         last_slot = torch.where(is_last, sorted_idx, self.num_examples)
         self._state["last_correct"].index_copy_(0, last_slot, now)
 
-    def _add_presentations(self, indices: Tensor, now: Tensor, forgotten: Tensor) -> None:
-        """Count the rows' presentations and events; ``learned |= now``."""
-        ones = torch.ones_like(indices, dtype=torch.int32)
-        self._state["events"].index_add_(0, indices, forgotten.to(torch.int32))
-        self._state["presentations"].index_add_(0, indices, ones)
-        # correct rows set True, the others go to the trash slot
-        self._state["learned"].index_fill_(0, torch.where(now, indices, self.num_examples), True)
+    @staticmethod
+    def _scatter_distinct(
+        state: dict[str, Tensor], indices: Tensor, values: Tensor, step: int | Tensor
+    ) -> None:
+        """Every index once: each row's previous presentation is the stored one and each row is
+        its index's last, so no sorted order is needed (the same integer and boolean results
+        as the grouped path, with a third fewer ops)."""
+        forgotten = state["last_correct"].index_select(0, indices) > values
+        _add_presentations(state, indices, values, forgotten)
+        state["last_correct"].index_copy_(0, indices, values)
 
     @staticmethod
     def _with_current_run(state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -207,3 +205,15 @@ class ForgettingTracker(Scorer):
         if run_updates == 0 and bool((presentations > 0).any()):
             return "The state has presentations in the current run but run_updates=0."
         return None
+
+
+def _add_presentations(
+    state: dict[str, Tensor], indices: Tensor, now: Tensor, forgotten: Tensor
+) -> None:
+    """Count the rows' presentations and events; ``learned |= now``."""
+    ones = torch.ones_like(indices, dtype=torch.int32)
+    state["events"].index_add_(0, indices, forgotten.to(torch.int32))
+    state["presentations"].index_add_(0, indices, ones)
+    # correct rows set True, the others go to the trash slot (the state's last entry)
+    trash = state["learned"].shape[0] - 1
+    state["learned"].index_fill_(0, torch.where(now, indices, trash), True)

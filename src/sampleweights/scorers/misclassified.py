@@ -80,13 +80,19 @@ class Misclassified(Scorer):
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         sorted_idx, order, is_last = last_occurrence(indices)
         if distinct_on_cpu(is_last):
-            # every index once (no device to wait for on CPU): every row is its index's latest
-            self._state["wrong"].index_copy_(0, indices, values)
-            self._state["step"].index_fill_(0, indices, step)
+            self._scatter_distinct(self._state, indices, values, step)
             return
         last_slot = torch.where(is_last, sorted_idx, self.num_examples)
         self._state["wrong"].index_copy_(0, last_slot, values.index_select(0, order))
         self._state["step"].index_fill_(0, last_slot, step)
+
+    @staticmethod
+    def _scatter_distinct(
+        state: dict[str, Tensor], indices: Tensor, values: Tensor, step: int | Tensor
+    ) -> None:
+        """Every index once: every row is its index's latest presentation."""
+        state["wrong"].index_copy_(0, indices, values)
+        state["step"].index_fill_(0, indices, step)
 
     def _begin_run(self) -> None:
         self._state["wrong"].fill_(False)
