@@ -409,7 +409,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_statistics_with_a_warning():
     broken = sw.ScorerCollection(*all_logit_scorers(10))
     broken._fused = Broken()  # stands for a compiled pass whose compilation fails
     batches = updates(1)
-    with pytest.warns(RuntimeWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
+    with pytest.warns(RuntimeWarning, match="compile of the statistics failed.*no C\\+\\+"):
         broken.update_indexed(*batches[0])
     eager.update_indexed(*batches[0])
     for batch in batches[1:]:  # warned once, then eager for good
@@ -621,9 +621,11 @@ def test_a_scorer_updated_on_its_own_keeps_its_own_step_in_a_fused_update():
 
 
 def test_a_failing_whole_update_compiler_falls_back_with_a_warning():
-    class Broken:
+    from torch._dynamo.exc import InternalTorchDynamoError
+
+    class Broken:  # stands for a compilation that fails (dynamo raises before running anything)
         def __call__(self, *args):
-            raise RuntimeError("no C++ compiler")
+            raise InternalTorchDynamoError("no C++ compiler")
 
     eager = sw.ScorerCollection(*_fusable_scorers(30))
     broken = sw.ScorerCollection(*_fusable_scorers(30))
@@ -640,3 +642,37 @@ def test_a_failing_whole_update_compiler_falls_back_with_a_warning():
         eager.update_indexed(*batch)
     assert broken._whole is None
     _assert_same_scores(broken, eager, rtol=0, atol=0)
+
+
+def test_an_error_from_running_the_whole_update_is_raised_not_retried_eagerly():
+    """Only a compile error falls back: an error from running the compiled update may come after
+    some of its writes, and applying the batch again eagerly would count it twice."""
+
+    class FailsWhileRunning:
+        def __call__(self, *args):
+            raise RuntimeError("out of memory")
+
+    c = sw.ScorerCollection(*_fusable_scorers(30))
+    c._whole, c._steps_numpy = FailsWhileRunning(), np.zeros(9, dtype=np.int64)
+    c._steps = torch.from_numpy(c._steps_numpy)
+    batches = _distinct_updates(6)
+    c.update_indexed(*batches[0])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        c.update_indexed(*batches[1])
+    assert all(s.num_updates == 1 for s in c)  # not counted, and not applied eagerly
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile is unavailable here")
+def test_a_method_replaced_on_one_scorer_keeps_its_collection_eager():
+    """The fused call reads each scorer's class: a ``_values_from`` set on the instance must
+    send the update down the eager path, which honours it."""
+    doubled = sw.EL2N(30)
+    doubled._values_from = lambda stats: 2 * stats.el2n  # type: ignore[method-assign]
+    fused = sw.ScorerCollection(doubled, sw.AUM(30), compile=True)
+    counter = fused._whole = _CountingUpdate(fused._whole)
+    plain = sw.EL2N(30)
+    for batch in _distinct_updates(7):
+        fused.update_indexed(*batch)
+        plain.update_indexed(*batch)
+    assert counter.calls == 0
+    torch.testing.assert_close(doubled.compute(), 2 * plain.compute(), equal_nan=True)

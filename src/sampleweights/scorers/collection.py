@@ -32,7 +32,7 @@ from sampleweights.distributed import (
 )
 from sampleweights.errors import StateMismatchError
 from sampleweights.scorers.base import Scorer, TokenBatch, one_batch
-from sampleweights.scorers.fused import CompiledUpdate, compiled_update, fusable
+from sampleweights.scorers.fused import CompiledUpdate, compile_error, compiled_update, fusable
 from sampleweights.scorers.rowstats import RowStats, _fused, _fused_any_shape, _FusedRowStats
 from sampleweights.scorers.stats import Entropy
 from sampleweights.validation import finite_rows
@@ -192,8 +192,9 @@ class ScorerCollection:
                 f"Expected the scorers of a collection to share one `ignore_index` for sequence "
                 f"batches, but got {ignore}: build them with the same ignore_index=..."
             )
-        # a fusable collection checks the logits' finiteness inside its compiled call
-        fused = self._whole is not None and not sequence
+        # a fusable collection checks the logits' finiteness inside its compiled call (fusable
+        # is checked per update: nonfinite and validate can be changed after construction)
+        fused = self._whole is not None and not sequence and all(fusable(s) for s in scorers)
         checked: dict[tuple[bool, str], tuple[Tensor, Tensor, Tensor]] = {}
         for s in scorers:
             policy = (s.validate, s.nonfinite)
@@ -264,14 +265,13 @@ class ScorerCollection:
                 states,
                 self._entropy,
             )
-        except Exception as err:  # a compiler missing or failing: the eager path, once warned
-            self._whole = None
-            warnings.warn(
-                f"ScorerCollection(compile=True): torch.compile of the whole update failed "
-                f"({type(err).__name__}: {err}); updating the scorers eagerly from now on.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        except Exception as err:
+            if not compile_error(err):
+                # an error from running it: the states may hold part of this batch, and
+                # applying it again eagerly would count it twice
+                raise
+            # compilation failed, before any of the update ran (fullgraph): the eager path
+            self._compile_failed(err, "the whole update", stacklevel=5)
             return False
         if not bool(finite):  # the states are unchanged (every row went to the trash slot)
             scorers[0]._check_finite(logits)  # raises, naming the rows
@@ -286,16 +286,20 @@ class ScorerCollection:
             return RowStats(logits, targets, margins=True)
         try:
             fused = self._fused(logits, targets, self._entropy)
-        except Exception as err:  # a compiler missing or failing: the eager path, once warned
-            self._fused = None
-            warnings.warn(
-                f"ScorerCollection(compile=True): torch.compile failed ({type(err).__name__}: "
-                f"{err}); using the eager statistics from now on.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        except Exception as err:  # a compiler missing or failing (a pure function: no state)
+            self._compile_failed(err, "the statistics", stacklevel=5)
             return RowStats(logits, targets, margins=True)
         return _FusedRowStats(logits, targets, fused)
+
+    def _compile_failed(self, err: Exception, what: str, stacklevel: int) -> None:
+        """Turn every compiled path off (one warning, not one per path)."""
+        self._fused = self._whole = None
+        warnings.warn(
+            f"ScorerCollection(compile=True): torch.compile of {what} failed "
+            f"({type(err).__name__}: {err}); updating the scorers eagerly from now on.",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
 
     def _update_tokens(
         self, scorers: list[Scorer], indices: Tensor, logits: Tensor, targets: Tensor, skip: bool

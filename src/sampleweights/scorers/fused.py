@@ -2,7 +2,8 @@
 
 On small batches an eager update is op dispatch, not arithmetic: a collection of six scorers is
 ~100 ATen calls of a few µs each. When every scorer of the collection is a built-in one (the
-types in :data:`FUSABLE`, plain means, ``nonfinite="raise"``) and the batch allows it (see
+types in :data:`FUSABLE`, plain means, ``nonfinite="raise"``, ``validate=True``; checked at
+every update, as these can be changed) and the batch allows it (see
 :meth:`ScorerCollection._update_fused`), the shared statistics (:func:`~sampleweights.scorers.
 rowstats._fused`), every scorer's values (its own ``_values_from``) and every scorer's state update
 (its own ``_scatter_distinct``, the one its eager ``_scatter`` uses for distinct indices) run as
@@ -26,7 +27,7 @@ from sampleweights.scorers.misclassified import Misclassified
 from sampleweights.scorers.rowstats import _fused
 from sampleweights.scorers.stats import Confidence, Entropy, Loss, Margin
 
-__all__ = ["FUSABLE", "CompiledUpdate", "fusable"]
+__all__ = ["FUSABLE", "CompiledUpdate", "compile_error", "compiled_update", "fusable"]
 
 #: the scorer types whose ``_values_from`` reads only the shared statistics and whose
 #: ``_scatter_distinct`` is their whole distinct-index update (exact types: a subclass may
@@ -52,7 +53,13 @@ def fusable(scorer: Scorer) -> bool:
     scorers updated, or on CUDA end in a device-side assert)."""
     if type(scorer) not in FUSABLE or scorer.nonfinite != "raise" or not scorer.validate:
         return False
+    if _OVERRIDABLE & vars(scorer).keys():  # a method or statistic replaced on the instance
+        return False
     return not (isinstance(scorer, RunningMeanScorer) and scorer.ema is not None)
+
+
+#: what a fused call reads from the scorer's class, never from the instance
+_OVERRIDABLE = frozenset({"_values_from", "_values", "_scatter", "_scatter_distinct", "_stat"})
 
 
 class FusedStats(NamedTuple):
@@ -115,8 +122,10 @@ class CompiledUpdate:
     STATIC_KINDS = 4
 
     def __init__(self) -> None:
-        self.static = torch.compile(whole_update, dynamic=False)
-        self.dynamic = torch.compile(_whole_update_any_shape, dynamic=True)
+        # fullgraph: one graph or a compile error, raised before any of it runs (no part of
+        # the update can have run eagerly when compilation fails)
+        self.static = torch.compile(whole_update, dynamic=False, fullgraph=True)
+        self.dynamic = torch.compile(_whole_update_any_shape, dynamic=True, fullgraph=True)
         self.kinds: set[tuple[Any, ...]] = set()
 
     def __call__(
@@ -139,6 +148,14 @@ class CompiledUpdate:
         else:
             finite = self.dynamic(*args)
         return finite
+
+
+def compile_error(err: Exception) -> bool:
+    """Whether ``err`` came from compiling (dynamo's and inductor's errors, raised before the
+    compiled update runs) rather than from running the compiled update."""
+    from torch._dynamo.exc import TorchDynamoException  # imported by torch.compile by now
+
+    return isinstance(err, TorchDynamoException)
 
 
 _COMPILED: list[CompiledUpdate] = []  # the one compiled update, made on demand
