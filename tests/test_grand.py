@@ -310,3 +310,25 @@ def test_an_input_changed_in_place_is_never_scored_silently_wrong():
         grand(model, x, y, "hooks")
     with pytest.raises(RuntimeError, match="inplace"):
         grand(model, x, y, "auto")  # the fallback meets autograd's own check
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.tuples(*(st.integers(1, 4),) * 2, st.integers(1, 9), st.integers(1, 9)),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+)
+def test_batched_patches_are_unfold_bit_for_bit(shape, kernel, dilation, padding, stride):
+    """The conv rule's patches off the CPU (one strided copy of the batch) against
+    ``F.unfold`` (one im2col kernel per example on CUDA): the same values, the same layout."""
+    from sampleweights.pergrad.rules import _strided_patches
+
+    h, w = shape[2] + 2 * padding[0], shape[3] + 2 * padding[1]
+    if dilation[0] * (kernel[0] - 1) + 1 > h or dilation[1] * (kernel[1] - 1) + 1 > w:
+        return  # the kernel does not fit: F.unfold refuses it too
+    a = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    want = nn.functional.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+    got = _strided_patches(a, kernel, dilation, padding, stride)
+    assert got.shape == want.shape and torch.equal(got, want)
