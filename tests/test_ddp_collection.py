@@ -155,3 +155,49 @@ def test_collection_under_ddp_equals_one_process_with_fused_collectives():
         assert got["separate_at_compute"].count("all_gather") == 6
         assert got["separate_at_compute"].count("all_reduce") == 16
         assert len(got["errors"]) == 1 and "out of step" in got["errors"][0]
+
+
+def _fusable() -> list[sw.Scorer]:
+    return [sw.EL2N(N), sw.ForgettingTracker(N), sw.Misclassified(N), sw.Loss(N)]
+
+
+def _distinct(part: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A rank's batch cut to its distinct indices (a fusable batch but for the process group)."""
+    idx, logits, y = part
+    kept = torch.unique(idx)
+    return kept, logits[: len(kept)], y[: len(kept)]
+
+
+def _compiled_on_rank(rank: int, world: int) -> dict:
+    """``compile=True`` with fusable scorers under a process group: the fused call (which makes
+    no exchange) must never run; the updates exchange as the eager collection's do."""
+    from sampleweights.scorers import fused as fused_module
+
+    calls = []
+    inner = fused_module.CompiledUpdate.__call__
+
+    def counted(self, *args):
+        calls.append(1)
+        return inner(self, *args)
+
+    fused_module.CompiledUpdate.__call__ = counted  # this process only
+    collection = sw.ScorerCollection(*_fusable(), compile=True)
+    for parts in _schedule():
+        collection.update_indexed(*_distinct(parts[rank]))
+    return {"scores": collection.compute(), "calls": len(calls)}
+
+
+def test_a_compiled_collection_under_ddp_never_takes_the_fused_update():
+    ranks = run_ddp(_compiled_on_rank, world=2, timeout=60)
+    eager = sw.ScorerCollection(*_fusable())
+    for parts in _schedule():  # one process: each step the ranks' batches in rank order
+        cut = [_distinct(part) for part in parts]
+        eager.update_indexed(*(torch.cat(list(col)) for col in zip(*cut, strict=True)))
+    want = eager.compute()
+    for got in ranks:
+        assert got["calls"] == 0
+        for name in want:  # the compiled statistics round in another order: ≤ 1e-5 relative
+            torch.testing.assert_close(
+                got["scores"][name], want[name], rtol=1e-5, atol=1e-6, equal_nan=True
+            )
+    _same(ranks[0]["scores"], ranks[1]["scores"], bitwise=True)
