@@ -581,7 +581,10 @@ class Scorer(abc.ABC):
         built-in scorers with the shared statistics into one compiled call. ``step``: the
         update's number, an int or a 0-d int64 tensor. The built-in scorers define it and use it
         in their own ``_scatter``; other scorers are never fused."""
-        raise NotImplementedError("this scorer has no fusable scatter: it is never fused")
+        raise TypeError(
+            "Only the built-in scorers' updates are fused (sampleweights.scorers.fused.FUSABLE); "
+            "this scorer updates through its own _scatter."
+        )
 
     def _values_from(self, stats: RowStats) -> Tensor:
         """Per-example values ``(B,)`` from a batch's shared :class:`RowStats` (the statistics a
