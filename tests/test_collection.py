@@ -676,3 +676,40 @@ def test_a_method_replaced_on_one_scorer_keeps_its_collection_eager():
         plain.update_indexed(*batch)
     assert counter.calls == 0
     torch.testing.assert_close(doubled.compute(), 2 * plain.compute(), equal_nan=True)
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile is unavailable here")
+def test_a_spent_recompile_limit_falls_back_to_eager_with_a_warning(monkeypatch):
+    """Dynamo's recompile limit is per function and process-wide: a process with many
+    differently composed collections can spend it. Under fullgraph that is an error raised
+    before anything runs; the collection must take it as a failed compilation (warn, then
+    eager, same scores), not raise it from update()."""
+    import torch._dynamo
+
+    from sampleweights.scorers import fused as fused_module
+
+    torch._dynamo.reset()  # this test's own budget, whatever ran before
+    monkeypatch.setattr(fused_module, "_COMPILED", [])  # a fresh one: static-shape kernels
+    with torch._dynamo.config.patch(recompile_limit=1):
+        _spend_the_recompile_limit()
+    torch._dynamo.reset()  # the next tests compile afresh
+
+
+def _spend_the_recompile_limit():
+    first = sw.ScorerCollection(*_fusable_scorers(30), compile=True)
+    for batch in _distinct_updates(8, sizes=(8, 8, 8)):
+        first.update_indexed(*batch)  # the one compilation the limit allows
+    # the same scorers for another dataset size: the state's length changes, a recompilation
+    other = sw.ScorerCollection(*_fusable_scorers(31), compile=True)
+    eager = sw.ScorerCollection(*_fusable_scorers(31))
+    batches = _distinct_updates(9, n=31, sizes=(8, 8, 8, 8))
+    other.update_indexed(*batches[0])
+    eager.update_indexed(*batches[0])
+    with pytest.warns(RuntimeWarning, match="compile of the whole update failed"):
+        other.update_indexed(*batches[1])  # another kind of call: a recompilation, refused
+    eager.update_indexed(*batches[1])
+    for batch in batches[2:]:
+        other.update_indexed(*batch)
+        eager.update_indexed(*batch)
+    assert other._whole is None
+    _assert_same_scores(other, eager)  # the first update used the compiled statistics

@@ -919,14 +919,6 @@ class Scorer(abc.ABC):
         )
 
 
-def _add_to_mean(
-    state: dict[str, Tensor], indices: Tensor, values: Tensor, step: int | Tensor
-) -> None:
-    """A plain running mean's update: ``sum += value``, ``count += 1`` at each index."""
-    state["sum"].index_add_(0, indices, values.to(torch.float64))
-    state["count"].index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
-
-
 class RunningMeanScorer(Scorer):
     """A scorer whose score is the mean over presentations of a per-example value.
 
@@ -957,8 +949,10 @@ class RunningMeanScorer(Scorer):
     def _scatter_distinct(
         state: dict[str, Tensor], indices: Tensor, values: Tensor, step: int | Tensor
     ) -> None:
-        """The plain mean's scatter (with ``ema=`` the collection does not fuse the update)."""
-        _add_to_mean(state, indices, values, step)
+        """The plain mean's update, ``sum += value`` and ``count += 1`` at each index (repeated
+        indices too; with ``ema=`` the collection does not fuse the update)."""
+        state["sum"].index_add_(0, indices, values.to(torch.float64))
+        state["count"].index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
 
     def __init__(self, num_examples: int, *, ema: float | None = None, **kwargs: Any) -> None:
         if ema is not None:
@@ -1000,7 +994,7 @@ class RunningMeanScorer(Scorer):
 
     def _scatter(self, indices: Tensor, values: Tensor, step: int) -> None:
         if self.ema is None:
-            _add_to_mean(self._state, indices, values, step)  # repeated indices sum up too
+            self._scatter_distinct(self._state, indices, values, step)  # repeats sum up too
             return
         # r presentations of one index in this batch, values v_1 … v_r in batch order:
         # S ← β^r S + Σ_k β^(r−k) v_k, W ← β^r W + Σ_k β^(r−k)

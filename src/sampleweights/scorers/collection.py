@@ -76,7 +76,9 @@ class ScorerCollection:
             the last bits (sums over the classes in another order, ~√C float32 ulps: ≤ 5e-7
             relative up to 1000 classes, ≤ 2e-5 at 32 000); correctness (forgetting,
             misclassified) and every count are identical. Falls back to the eager path, with
-            a warning, if compilation fails.
+            a warning, if compilation fails, dynamo's recompile limit included (8 kinds of
+            call per process by default: many differently composed collections in one process
+            can spend it).
 
     Raises:
         TypeError: an argument is not a scorer, or ``compile`` is not a bool, or a scorer runs

@@ -142,20 +142,28 @@ class CompiledUpdate:
         size = len(next(iter(states[0].values())))
         kind = (tuple(logits.shape), logits.dtype, logits.device, kinds, size, entropy)
         args = (logits, targets, indices, steps, kinds, states, entropy)
-        if kind in self.kinds or len(self.kinds) < self.STATIC_KINDS:
-            self.kinds.add(kind)
-            finite: Tensor = self.static(*args)
-        else:
-            finite = self.dynamic(*args)
+        # one grad mode for every call: dynamo guards on it, and a loop that scores both inside
+        # and outside no_grad would otherwise compile everything twice
+        with torch.no_grad():
+            if kind in self.kinds or len(self.kinds) < self.STATIC_KINDS:
+                self.kinds.add(kind)
+                finite: Tensor = self.static(*args)
+            else:
+                finite = self.dynamic(*args)
         return finite
 
 
 def compile_error(err: Exception) -> bool:
     """Whether ``err`` came from compiling (dynamo's and inductor's errors, raised before the
-    compiled update runs) rather than from running the compiled update."""
-    from torch._dynamo.exc import TorchDynamoException  # imported by torch.compile by now
+    compiled update runs) rather than from running the compiled update. Dynamo's recompile
+    limit counts too: it is per function and process-wide (8 by default), so a process that
+    builds many differently composed collections can exhaust it; under ``fullgraph`` that is
+    an error (not a silent eager run), raised before the frame runs."""
+    from torch._dynamo import exc  # imported by torch.compile by now
 
-    return isinstance(err, TorchDynamoException)
+    names = ("TorchDynamoException", "FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+    kinds = tuple(getattr(exc, name) for name in (*names, "RecompileError") if hasattr(exc, name))
+    return isinstance(err, kinds)
 
 
 _COMPILED: list[CompiledUpdate] = []  # the one compiled update, made on demand
